@@ -1,0 +1,3 @@
+"""edgecam: explainable image classification on Raspberry Pi-class boards."""
+
+__version__ = "0.1.0"

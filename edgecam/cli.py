@@ -1,0 +1,207 @@
+"""The `edgecam` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import EdgecamError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        help="model name from the manifest, or a .tflite path (default: the manifest's default)",
+    )
+    p.add_argument("--labels", help="labels file, one label a line (default: the model's own from the manifest)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("EDGECAM_THREADS", "2")),
+        help="interpreter threads (default 2)",
+    )
+    p.add_argument("--feature-tensor", help="name of the feature-map tensor, when the head search fails")
+    p.add_argument("--weights-tensor", help="name of the classifier weights tensor (with --feature-tensor)")
+    p.add_argument("--bias-tensor", help="name of the classifier bias tensor (optional)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecam",
+        description="Classify camera frames with a quantized TFLite model and explain each prediction "
+        "with a class activation map.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and the TFLite runtime in use")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ex = sub.add_parser("explain", help="classify image files and explain them with CAMs, offline")
+    _add_model_args(ex)
+    ex.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    ex.add_argument("--top", "-k", type=int, default=3, help="how many labels to report (default 3)")
+    ex.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID",
+        help="also compute the CAM of this class (repeatable)",
+    )
+    ex.add_argument("--out", "-o", type=Path, help="write overlay images into this directory")
+    ex.add_argument("--style", choices=("blend", "dim", "both"), default="both", help="overlay style (default both)")
+    ex.add_argument("--format", choices=("jpg", "png"), default="jpg", help="overlay file format (default jpg)")
+    ex.add_argument(
+        "--crop", action="store_true", help="centre-crop to the model's aspect instead of resizing the whole frame"
+    )
+    ex.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+
+    ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")
+    _add_model_args(ins)
+    ins.add_argument("model_arg", nargs="?", metavar="MODEL", help="model name or path (same as --model)")
+    ins.add_argument("--json", action="store_true")
+
+    models = sub.add_parser("models", help="list, fetch and prepare models")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.add_parser("list", help="models in the manifest and whether they are cached")
+    fe = msub.add_parser("fetch", help="download models into the cache, checking sha256")
+    fe.add_argument("names", nargs="*", metavar="NAME", help="model names (default: the default model)")
+    fe.add_argument("--all", action="store_true", help="every model in the manifest")
+    fe.add_argument("--mirror", help="a directory or URL holding the files by name (env EDGECAM_MODEL_MIRROR)")
+    pr = msub.add_parser("prepare", help="write a copy of a model whose outputs include the CAM feature map")
+    pr.add_argument("input", type=Path, metavar="IN")
+    pr.add_argument("output", type=Path, metavar="OUT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.version:
+            return _version()
+        if args.command == "explain":
+            from .explain import run_explain
+
+            return run_explain(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "models":
+            return _models(args, parser)
+        parser.print_help()
+        return 2
+    except EdgecamError as exc:
+        print(f"edgecam: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _version() -> int:
+    from .runtime import get_runtime
+
+    try:
+        runtime = str(get_runtime())
+    except EdgecamError as exc:
+        runtime = f"none ({exc})"
+    print(f"edgecam {__version__} (runtime: {runtime})")
+    return 0
+
+
+def load_classifier(args: argparse.Namespace, model: str | None = None):  # type: ignore[no-untyped-def]
+    from .model import Classifier, HeadNames
+    from .models import resolve
+
+    if bool(args.feature_tensor) != bool(args.weights_tensor):
+        raise EdgecamError("--feature-tensor and --weights-tensor go together")
+    if args.threads < 1 or args.threads > 64:
+        raise EdgecamError(f"--threads {args.threads} is out of range (1..64)")
+    local = resolve(model or args.model, args.labels)
+    names = HeadNames(args.feature_tensor, args.weights_tensor, args.bias_tensor) if args.feature_tensor else None
+    return Classifier(local.path, local.labels, num_threads=args.threads, name=local.name, head_names=names)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    clf = load_classifier(args, args.model_arg)
+    info = clf.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model:    {info['model']}")
+    print(f"runtime:  {info['runtime']}")
+    i = info["input"]
+    print(f"input:    {i['name']} {i['shape']} {i['dtype']}, {i['quantization']}; {i['preprocessing']}")
+    h = info["head"]
+    print(f"head:     feature map -> {h['pool']} -> {h['linear']} -> {'softmax' if h['softmax_output'] else 'logits'}")
+    for key in ("feature_map", "classifier_weights", "classifier_bias", "logits", "output"):
+        t = h[key]
+        if t:
+            print(f"  {key + ':':20s}#{t['index']} {t['name']!r} {t['shape']} {t['dtype']}, {t['quantization']}")
+    print(f"classes:  {info['classes']}; labels {info['labels']}")
+    return 0
+
+
+def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import models as m
+
+    if args.models_command == "list":
+        manifest = m.load_manifest()
+        cache = m.cache_dir()
+        for name, entry in manifest.models.items():
+            path = cache / name / entry.filename
+            state = "cached" if path.exists() else "not cached"
+            flag = " (default)" if name == manifest.default else ""
+            print(f"{name}{flag}: {state}; {entry.description}")
+        print(f"cache: {cache}")
+        return 0
+    if args.models_command == "fetch":
+        manifest = m.load_manifest()
+        names = list(manifest.models) if args.all else (args.names or [manifest.default])
+        for name in names:
+            local, done = m.fetch(manifest.get(name), mirror=args.mirror)
+            verb = "fetched" if done else "already cached"
+            print(f"{name}: {verb}, {local.path}")
+        return 0
+    if args.models_command == "prepare":
+        from .model import analyse, read_model
+        from .tflite_graph import with_outputs
+
+        data = read_model(args.input)
+        _, head = analyse(args.input, data)
+        out = with_outputs(data, [head.feature, head.logits])
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        try:
+            tmp.write_bytes(out)
+            tmp.replace(args.output)
+        except OSError as exc:
+            raise EdgecamError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
+        print(f"{args.output}: outputs now include the feature map #{head.feature} and the logits #{head.logits}")
+        return 0
+    parser.parse_args(["models", "--help"])
+    return 2
+
+
+def iter_images(inputs: Sequence[str]) -> Iterator[tuple[Path, str | None]]:
+    """Image files from files and directories; a path that is neither comes with its error."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                yield p, "no image files in this directory"
+            for f in files:
+                yield f, None
+        elif p.exists():
+            yield p, None
+        else:
+            yield p, "no such file or directory"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Finds a CAM-able classifier head in a TFLite graph, by structure alone.
+
+A head is a 4-D feature map feeding a global average pool (MEAN over H and W,
+or an AVERAGE_POOL_2D whose window covers the map), possibly reshaped, feeding
+a linear layer (FULLY_CONNECTED or a 1x1 CONV_2D) whose output reaches a model
+output through shape and (de)quantization ops and an optional softmax. A
+SqueezeNet-style head, where the pooled map already is the class scores, is
+accepted too: its weights are the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tflite_graph import Graph, Operator
+
+# Ops that only move, retype or requantize values: the head may pass through them.
+_PASS_THROUGH = {"RESHAPE", "SQUEEZE", "QUANTIZE", "DEQUANTIZE"}
+_SCORE_OPS = _PASS_THROUGH | {"SOFTMAX"}
+
+
+class HeadNotFound(ValueError):
+    """The graph has no global-average-pool + linear classifier head."""
+
+
+@dataclass(frozen=True)
+class Head:
+    feature: int  # tensor index of the [1, H, W, C] feature map
+    logits: int  # tensor index of the linear layer's output (pre-softmax)
+    output: int  # the model output the logits reach
+    pool: str  # "MEAN" or "AVERAGE_POOL_2D"
+    linear: str  # "FULLY_CONNECTED", "CONV_2D", or "NONE" (SqueezeNet-style)
+    softmax: bool  # whether the model output is already a softmax
+    weights: np.ndarray  # float32 [num_classes, C], dequantized
+    bias: np.ndarray  # float32 [num_classes]
+    weights_tensor: int | None
+    bias_tensor: int | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[0])
+
+
+def _sole_consumer(graph: Graph, tensor: int) -> Operator | None:
+    users = graph.consumers(tensor)
+    return users[0] if len(users) == 1 else None
+
+
+def _follow(graph: Graph, tensor: int, allowed: set[str]) -> tuple[int, list[str]]:
+    """Walk forward through single-consumer ops in `allowed`; returns the last tensor and ops seen."""
+    seen: list[str] = []
+    while tensor not in graph.outputs:
+        op = _sole_consumer(graph, tensor)
+        if op is None or op.op not in allowed or op.inputs[0] != tensor:
+            break
+        seen.append(op.op)
+        tensor = op.outputs[0]
+    return tensor, seen
+
+
+def const_value(graph: Graph, tensor: int) -> np.ndarray | None:
+    """Real value of a constant tensor, looking through a DEQUANTIZE (fp16 or int8 weights)."""
+    raw = graph.constant(tensor)
+    if raw is not None:
+        t = graph.tensors[tensor]
+        return t.quant.dequantize(raw) if t.quant.quantized else raw.astype(np.float32)
+    producer = graph.producer(tensor)
+    if producer is not None and producer.op == "DEQUANTIZE":
+        return const_value(graph, producer.inputs[0])
+    return None
+
+
+def _is_global_pool(graph: Graph, op: Operator) -> bool:
+    shape = graph.tensors[op.inputs[0]].shape
+    if len(shape) != 4:
+        return False
+    h, w = shape[1], shape[2]
+    if op.op == "MEAN":
+        axes = graph.constant(op.inputs[1]) if len(op.inputs) > 1 else None
+        return axes is not None and {int(a) % 4 for a in np.ravel(axes)} == {1, 2}
+    if op.op == "AVERAGE_POOL_2D":
+        o = op.options
+        return o.get("filter_height") == h and o.get("filter_width") == w and o.get("activation", 0) == 0
+    return False
+
+
+def _linear_params(graph: Graph, op: Operator, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if op.op not in ("FULLY_CONNECTED", "CONV_2D") or len(op.inputs) < 2:
+        return None
+    if op.options.get("activation", 0) != 0:
+        return None  # a fused ReLU would make the CAM non-linear in the logit
+    weights = const_value(graph, op.inputs[1])
+    if weights is None:
+        return None
+    if op.op == "CONV_2D":
+        if weights.ndim != 4 or weights.shape[1:3] != (1, 1):
+            return None
+        weights = weights.reshape(weights.shape[0], weights.shape[3])
+    if weights.ndim != 2 or weights.shape[1] != channels:
+        return None
+    bias = None
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        bias = const_value(graph, op.inputs[2])
+    if bias is None:
+        bias = np.zeros(weights.shape[0], np.float32)
+    return weights.astype(np.float32), np.ravel(bias).astype(np.float32)
+
+
+def find_head(graph: Graph) -> Head:
+    """The classifier head of the model, or HeadNotFound saying what was looked for."""
+    candidates: list[Head] = []
+    for pool in graph.operators:
+        if pool.op not in ("MEAN", "AVERAGE_POOL_2D") or not _is_global_pool(graph, pool):
+            continue
+        feature = pool.inputs[0]
+        channels = graph.tensors[feature].shape[3]
+        pooled, _ = _follow(graph, pool.outputs[0], _PASS_THROUGH)
+        linear = _sole_consumer(graph, pooled)
+        params = _linear_params(graph, linear, channels) if linear is not None else None
+        if linear is not None and params is not None and linear.inputs[0] == pooled:
+            logits = linear.outputs[0]
+            weights, bias = params
+            kind = linear.op
+            wt, bt = linear.inputs[1], (linear.inputs[2] if len(linear.inputs) > 2 and linear.inputs[2] >= 0 else None)
+        else:
+            # SqueezeNet-style: the pooled channels are the class scores.
+            logits, kind = pool.outputs[0], "NONE"
+            weights, bias = np.eye(channels, dtype=np.float32), np.zeros(channels, np.float32)
+            wt = bt = None
+        end, ops = _follow(graph, logits, _SCORE_OPS)
+        if end not in graph.outputs:
+            continue
+        candidates.append(Head(feature, logits, end, pool.op, kind, "SOFTMAX" in ops, weights, bias, wt, bt))
+    if not candidates:
+        raise HeadNotFound(
+            "no classifier head found: expected a 4-D feature map -> global average pool "
+            "(MEAN over H,W or AVERAGE_POOL_2D over the whole map) -> FULLY_CONNECTED or 1x1 CONV_2D "
+            "-> model output"
+        )
+    candidates.sort(key=lambda h: graph.outputs.index(h.output))
+    return candidates[0]
+
+
+def head_from_names(graph: Graph, feature: str, weights: str, bias: str | None = None) -> Head:
+    """A head named explicitly (config), for graphs the search does not understand."""
+    by_name = {t.name: t.index for t in graph.tensors}
+    for what, name in (("feature tensor", feature), ("classifier weights", weights), ("classifier bias", bias)):
+        if name is not None and name not in by_name:
+            raise HeadNotFound(f"{what} {name!r} is not a tensor of this model")
+    f = by_name[feature]
+    fshape = graph.tensors[f].shape
+    if len(fshape) != 4:
+        raise HeadNotFound(f"feature tensor {feature!r} has shape {list(fshape)}, expected [1, H, W, C]")
+    w_idx = by_name[weights]
+    w = const_value(graph, w_idx)
+    if w is None:
+        raise HeadNotFound(f"classifier weights {weights!r} are not a constant tensor")
+    w = w.reshape(w.shape[0], -1)
+    if w.shape[1] != fshape[3]:
+        raise HeadNotFound(
+            f"classifier weights {weights!r} have {w.shape[1]} inputs, the feature map has {fshape[3]} channels"
+        )
+    b = np.zeros(w.shape[0], np.float32)
+    b_idx = by_name[bias] if bias else None
+    if b_idx is not None:
+        bv = const_value(graph, b_idx)
+        if bv is None or bv.size != w.shape[0]:
+            raise HeadNotFound(f"classifier bias {bias!r} is not a constant of {w.shape[0]} values")
+        b = np.ravel(bv).astype(np.float32)
+    linear = next((op for op in graph.consumers(w_idx)), None)
+    if linear is None:
+        raise HeadNotFound(f"classifier weights {weights!r} feed no operator")
+    logits = linear.outputs[0]
+    end, ops = _follow(graph, logits, _SCORE_OPS)
+    output = end if end in graph.outputs else graph.outputs[0]
+    return Head(f, logits, output, "named", linear.op, "SOFTMAX" in ops, w.astype(np.float32), b, w_idx, b_idx)

@@ -1,0 +1,215 @@
+"""The model manifest, the model cache, and fetching by URL + sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgecamError
+
+MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
+_PACKAGED_MANIFEST = Path(__file__).resolve().parent / "manifest.toml"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    url: str
+    sha256: str
+    labels_url: str | None = None
+    labels_sha256: str | None = None
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        return _basename(self.url)
+
+    @property
+    def labels_filename(self) -> str | None:
+        return _basename(self.labels_url) if self.labels_url else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    default: str
+    models: dict[str, ModelEntry]
+
+    def get(self, name: str) -> ModelEntry:
+        if name not in self.models:
+            raise EdgecamError(f"unknown model {name!r}; known: {', '.join(sorted(self.models))} (or give a path)")
+        return self.models[name]
+
+
+def _basename(url: str) -> str:
+    return Path(urllib.parse.urlparse(url).path).name
+
+
+def manifest_path() -> Path:
+    env = os.environ.get("EDGECAM_MANIFEST")
+    if env:
+        return Path(env)
+    return MANIFEST if MANIFEST.exists() else _PACKAGED_MANIFEST
+
+
+def load_manifest(path: Path | None = None) -> Manifest:
+    path = path or manifest_path()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgecamError(f"{path}: model manifest not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgecamError(f"{path}: invalid TOML: {exc}") from None
+    models = {}
+    for name, entry in (data.get("models") or {}).items():
+        if not isinstance(entry, dict):
+            raise EdgecamError(f"{path}: models.{name} must be a table")
+        for key in ("url", "sha256"):
+            if not isinstance(entry.get(key), str):
+                raise EdgecamError(f"{path}: models.{name}.{key} is missing or not a string")
+        unknown = set(entry) - {"url", "sha256", "labels_url", "labels_sha256", "description"}
+        if unknown:
+            raise EdgecamError(f"{path}: models.{name}: unknown key {sorted(unknown)[0]!r}")
+        models[name] = ModelEntry(name=name, **entry)
+    default = data.get("default", "")
+    if default not in models:
+        raise EdgecamError(f"{path}: default model {default!r} is not listed under [models]")
+    return Manifest(default, models)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("EDGECAM_MODEL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgecam" / "models"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source(url: str, mirror: str | None) -> str:
+    """Where to get a file: the mirror (directory or URL) by basename, else its own URL."""
+    if not mirror:
+        return url
+    name = _basename(url)
+    if "://" in mirror:
+        return mirror.rstrip("/") + "/" + urllib.parse.quote(name)
+    return str(Path(mirror) / name)
+
+
+def _download(source: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
+    """Copy `source` to `dest` atomically, only if its sha256 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if "://" in source:
+                try:
+                    with urllib.request.urlopen(source, timeout=timeout) as resp:
+                        _copy(resp, out, h)
+                except urllib.error.HTTPError as exc:
+                    raise EdgecamError(f"{source}: HTTP {exc.code} {exc.reason}") from None
+                except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                    reason = getattr(exc, "reason", exc)
+                    raise EdgecamError(f"{source}: cannot download ({reason})") from None
+            else:
+                try:
+                    with open(source, "rb") as src:
+                        _copy(src, out, h)
+                except OSError as exc:
+                    raise EdgecamError(f"{source}: cannot read ({exc.strerror or exc})") from None
+        got = h.hexdigest()
+        if got != sha256:
+            raise EdgecamError(f"{source}: sha256 mismatch: expected {sha256}, got {got}; the file was not installed")
+        os.chmod(tmp, 0o644)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy(src, out, h) -> None:  # type: ignore[no-untyped-def]
+    for chunk in iter(lambda: src.read(1 << 16), b""):
+        h.update(chunk)
+        out.write(chunk)
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str
+    path: Path
+    labels: Path | None
+
+
+def _cached(entry: ModelEntry, cache: Path) -> LocalModel:
+    labels = cache / entry.name / entry.labels_filename if entry.labels_filename else None
+    return LocalModel(entry.name, cache / entry.name / entry.filename, labels)
+
+
+def fetch(entry: ModelEntry, cache: Path | None = None, mirror: str | None = None) -> tuple[LocalModel, list[str]]:
+    """Makes sure the model and its labels are in the cache; returns it and what was downloaded."""
+    cache = cache or cache_dir()
+    mirror = mirror if mirror is not None else os.environ.get("EDGECAM_MODEL_MIRROR") or None
+    local = _cached(entry, cache)
+    done = []
+    wanted = [(entry.url, entry.sha256, local.path)]
+    if entry.labels_url and local.labels:
+        if not entry.labels_sha256:
+            raise EdgecamError(f"manifest: models.{entry.name}.labels_sha256 is missing")
+        wanted.append((entry.labels_url, entry.labels_sha256, local.labels))
+    for url, sha, dest in wanted:
+        if dest.exists() and sha256_file(dest) == sha:
+            continue
+        src = _source(url, mirror)
+        _download(src, dest, sha)
+        done.append(src)
+    return local, done
+
+
+def resolve(model: str | None, labels: str | None = None, fetch_missing: bool = True) -> LocalModel:
+    """A model given by manifest name (fetched into the cache if missing) or by path."""
+    manifest = load_manifest()
+    name = model or manifest.default
+    label_path = Path(labels) if labels else None
+    path = Path(name)
+    if name not in manifest.models and (path.suffix == ".tflite" or path.exists() or os.sep in name):
+        if label_path is None:
+            label_path = _labels_for_known_file(path, manifest)
+        return LocalModel(path.stem, path, label_path)
+    entry = manifest.get(name)
+    local = _cached(entry, cache_dir())
+    if not local.path.exists() or (local.labels and not local.labels.exists()):
+        if not fetch_missing:
+            raise EdgecamError(f"model {name!r} is not in the cache {cache_dir()}; run: edgecam models fetch {name}")
+        local, _ = fetch(entry)
+    return LocalModel(local.name, local.path, label_path or local.labels)
+
+
+def _labels_for_known_file(path: Path, manifest: Manifest) -> Path | None:
+    """Labels for a model file that is a known model under another path (same sha256)."""
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        return None  # the loader reports the unreadable model with its own message
+    for entry in manifest.models.values():
+        if entry.sha256 == digest and entry.labels_filename:
+            beside = path.parent / entry.labels_filename
+            if beside.exists():
+                return beside
+            cached = _cached(entry, cache_dir()).labels
+            if cached and cached.exists():
+                return cached
+    return None

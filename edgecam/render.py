@@ -1,0 +1,73 @@
+"""Pictures of a CAM: upsampled heatmaps and overlays on the frame. Pure functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .cam import normalize
+from .preprocess import Box
+
+STYLES = ("blend", "dim")
+
+
+def upsample(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The raw map resized to width x height (bicubic, as the coarse grid is smooth by nature)."""
+    return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def heatmap(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The map upsampled and min-max normalised to 0..1."""
+    return normalize(upsample(normalize(cam), width, height))
+
+
+def jet(heat01: np.ndarray) -> np.ndarray:
+    """BGR JET colouring of a 0..1 map."""
+    return cv2.applyColorMap(np.clip(heat01 * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+
+
+def overlay(
+    frame_bgr: np.ndarray,
+    cam: np.ndarray,
+    style: str = "blend",
+    box: Box | None = None,
+    alpha: float = 0.45,
+    threshold: float = 0.2,
+) -> np.ndarray:
+    """The frame with the CAM drawn over the part the model saw.
+
+    blend: JET heatmap alpha-blended on the colour frame.
+    dim: the frame in dimmed grayscale with the JET map on top, leaving out values under
+    `threshold`, so only the evidence stands out.
+    """
+    if style not in STYLES:
+        raise ValueError(f"overlay style {style!r} is not one of {STYLES}")
+    out = frame_bgr.copy()
+    x0, y0, x1, y1 = box if box is not None else (0, 0, frame_bgr.shape[1], frame_bgr.shape[0])
+    region = out[y0:y1, x0:x1]
+    heat = heatmap(cam, x1 - x0, y1 - y0)
+    colour = jet(heat)
+    if style == "blend":
+        region[:] = cv2.addWeighted(colour, alpha, region, 1.0 - alpha, 0.0)
+    else:
+        grey = cv2.cvtColor(cv2.cvtColor(region, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+        dimmed = (grey.astype(np.float32) * 0.5).astype(np.uint8)
+        keep = heat >= threshold
+        a = (0.35 + 0.5 * heat)[..., None]
+        mixed = (colour.astype(np.float32) * a + dimmed.astype(np.float32) * (1 - a)).astype(np.uint8)
+        region[:] = np.where(keep[..., None], mixed, dimmed)
+    return out
+
+
+def write_image(path: Path, image: np.ndarray, jpeg_quality: int = 90) -> None:
+    """PNG or JPEG by the file's suffix; written atomically so a reader never sees half a file."""
+    ext = path.suffix.lower()
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
+    ok, data = cv2.imencode(ext, image, params)
+    if not ok:
+        raise OSError(f"cannot encode {path.name} as {ext}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.tobytes())
+    tmp.replace(path)
