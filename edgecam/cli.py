@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--crop", action="store_true", help="centre-crop to the model's aspect instead of resizing the whole frame"
     )
+    ex.add_argument(
+        "--exact-resize",
+        action="store_true",
+        help="plain INTER_AREA downscaling (slower on large frames; the default fast path is close to it)",
+    )
     ex.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
 
     ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")

@@ -30,10 +30,15 @@ class Explanation:
 
 
 def explain_frame(
-    clf: Classifier, frame_bgr: np.ndarray, top_k: int = 3, extra: list[int] | None = None, crop: bool = False
+    clf: Classifier,
+    frame_bgr: np.ndarray,
+    top_k: int = 3,
+    extra: list[int] | None = None,
+    crop: bool = False,
+    exact: bool = False,
 ) -> Explanation:
     """Preprocess, one invoke(), top-k, and the CAMs of top-1 and `extra`, in one product."""
-    x, box = to_input(frame_bgr, clf.input, crop)
+    x, box = to_input(frame_bgr, clf.input, crop, exact)
     inf = clf.infer(x)
     idx = cam_math.top_k(inf.scores, top_k)
     top = [(int(i), clf.labels[int(i)], float(inf.scores[i])) for i in idx]
@@ -104,7 +109,7 @@ def run_explain(args: argparse.Namespace) -> int:
             reason = problem or "cannot read as an image (unsupported or corrupt file)"
             print(f"edgecam: {path}: {reason}", file=sys.stderr)
             continue
-        exp = explain_frame(clf, frame, args.top, extra, args.crop)
+        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize)
         if args.out:
             stem = _unique(path.stem, used)
             for cid, m in zip(exp.cam_ids, exp.cams, strict=True):

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real models and images in ../shared, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGECAM_SHARED", ROOT.parent / "shared")).resolve()
+MODELS = SHARED / "models"
+IMAGES = SHARED / "images"
+LABELS = MODELS / "imagenet_labels.txt"
+DEFAULT_MODEL = MODELS / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+ALL_MODELS = [
+    "tf2_mobilenet_v2_1.0_224_ptq",
+    "mobilenet_v2_1.0_224_quant",
+    "mobilenet_v1_0.25_128_quant",
+]
+
+# Top-1 labels from ../shared/models/README.md (first synonym), per model and image.
+EXPECTED = {
+    "tf2_mobilenet_v2_1.0_224_ptq": {
+        "bird.bmp": ("chickadee", 0.86),
+        "cat.bmp": ("Egyptian cat", 0.59),
+        "cat_720p.jpg": ("Egyptian cat", 0.60),
+        "dragonfly.bmp": ("dragonfly", 0.92),
+        "grace_hopper.bmp": ("military uniform", 0.87),
+        "hot_dog.jpg": ("hotdog", 0.62),
+        "parrot.jpg": ("macaw", 0.92),
+        "sunflower.bmp": ("daisy", 0.93),
+    },
+    "mobilenet_v2_1.0_224_quant": {
+        "bird.bmp": ("chickadee", 0.99),
+        "cat.bmp": ("Egyptian cat", 0.78),
+        "cat_720p.jpg": ("Egyptian cat", 0.84),
+        "dragonfly.bmp": ("dragonfly", 0.99),
+        "grace_hopper.bmp": ("military uniform", 0.93),
+        "hot_dog.jpg": ("hotdog", 0.92),
+        "parrot.jpg": ("macaw", 1.00),
+        "sunflower.bmp": ("daisy", 0.99),
+    },
+    "mobilenet_v1_0.25_128_quant": {
+        "bird.bmp": ("chickadee", 0.51),
+        "cat.bmp": ("Egyptian cat", 0.21),
+        "cat_720p.jpg": ("Egyptian cat", 0.21),
+        "dragonfly.bmp": ("tiger beetle", 0.19),
+        "grace_hopper.bmp": ("academic gown", 0.27),
+        "parrot.jpg": ("macaw", 0.80),
+        "sunflower.bmp": ("daisy", 0.50),
+        # hot_dog.jpg is a near tie on this model (README): not asserted.
+    },
+}
+SCORE_TOLERANCE = 0.05
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not MODELS.is_dir():
+        raise pytest.UsageError(f"{MODELS} is missing: the tests need ../shared beside the project")
+
+
+@pytest.fixture
+def model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty model cache and the shared models as the mirror, for this test and its subprocesses."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGECAM_MODEL_DIR", str(cache))
+    monkeypatch.setenv("EDGECAM_MODEL_MIRROR", str(MODELS))
+    return cache
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`edgecam ARGS` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "edgecam", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+    )
