@@ -25,8 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("EDGECAM_THREADS", "2")),
-        help="interpreter threads (default 2)",
+        default=None,
+        help="interpreter threads (default: $EDGECAM_THREADS, else 2)",
     )
     p.add_argument("--feature-tensor", help="name of the feature-map tensor, when the head search fails")
     p.add_argument("--weights-tensor", help="name of the classifier weights tensor (with --feature-tensor)")
@@ -125,6 +125,11 @@ def load_classifier(args: argparse.Namespace, model: str | None = None):  # type
 
     if bool(args.feature_tensor) != bool(args.weights_tensor):
         raise EdgecamError("--feature-tensor and --weights-tensor go together")
+    if args.threads is None:
+        env = os.environ.get("EDGECAM_THREADS", "2")
+        if not env.strip().isdigit():
+            raise EdgecamError(f"EDGECAM_THREADS={env!r} is not a whole number")
+        args.threads = int(env)
     if args.threads < 1 or args.threads > 64:
         raise EdgecamError(f"--threads {args.threads} is out of range (1..64)")
     local = resolve(model or args.model, args.labels)

@@ -66,8 +66,15 @@ def load_manifest(path: Path | None = None) -> Manifest:
         raise EdgecamError(f"{path}: model manifest not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise EdgecamError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise EdgecamError(f"{path}: model manifest is not UTF-8 text") from None
+    except OSError as exc:
+        raise EdgecamError(f"{path}: cannot read model manifest ({exc.strerror or exc})") from None
+    table = data.get("models") or {}
+    if not isinstance(table, dict):
+        raise EdgecamError(f"{path}: 'models' must be a table of [models.NAME] entries")
     models = {}
-    for name, entry in (data.get("models") or {}).items():
+    for name, entry in table.items():
         if not isinstance(entry, dict):
             raise EdgecamError(f"{path}: models.{name} must be a table")
         for key in ("url", "sha256"):
@@ -76,6 +83,8 @@ def load_manifest(path: Path | None = None) -> Manifest:
         unknown = set(entry) - {"url", "sha256", "labels_url", "labels_sha256", "description"}
         if unknown:
             raise EdgecamError(f"{path}: models.{name}: unknown key {sorted(unknown)[0]!r}")
+        if entry.get("labels_url") and not isinstance(entry.get("labels_sha256"), str):
+            raise EdgecamError(f"{path}: models.{name}.labels_sha256 is missing (labels_url needs it)")
         models[name] = ModelEntry(name=name, **entry)
     default = data.get("default", "")
     if default not in models:
@@ -111,8 +120,11 @@ def _source(url: str, mirror: str | None) -> str:
 
 def _download(source: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
     """Copy `source` to `dest` atomically, only if its sha256 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise EdgecamError(f"{dest.parent}: cannot write to the model cache ({exc.strerror or exc})") from None
     tmp = Path(tmp_name)
     h = hashlib.sha256()
     try:
@@ -166,9 +178,7 @@ def fetch(entry: ModelEntry, cache: Path | None = None, mirror: str | None = Non
     local = _cached(entry, cache)
     done = []
     wanted = [(entry.url, entry.sha256, local.path)]
-    if entry.labels_url and local.labels:
-        if not entry.labels_sha256:
-            raise EdgecamError(f"manifest: models.{entry.name}.labels_sha256 is missing")
+    if entry.labels_url and local.labels and entry.labels_sha256:
         wanted.append((entry.labels_url, entry.labels_sha256, local.labels))
     for url, sha, dest in wanted:
         if dest.exists() and sha256_file(dest) == sha:

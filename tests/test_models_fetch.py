@@ -11,13 +11,12 @@ import functools
 import hashlib
 import http.server
 import re
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES, MODELS, ROOT, run_cli
+from conftest import IMAGES, MODELS, ROOT, one_error_line, run_cli
 
 from edgecam import models as m
 
@@ -53,20 +52,8 @@ def cache_files(cache: Path) -> list[Path]:
     return sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
 
 
-def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """stderr is exactly one `edgecam: error: ...` line containing every needle, with no traceback."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    line = lines[0]
-    assert line.startswith("edgecam: error: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
-
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: object) -> None:  # silence the per-request log on stderr
         pass
 
 
@@ -284,6 +271,13 @@ sha256 = "{README_SHA256[DEFAULT_FILE]}"
             f"models.{DEFAULT}.sha256 is missing",
             id="missing-sha256",
         ),
+        pytest.param('default = "x"\nmodels = 3\n', "'models' must be a table", id="models-not-a-table"),
+        pytest.param(
+            f'default = "{DEFAULT}"\n[models."{DEFAULT}"]\nurl = "https://example.invalid/{DEFAULT_FILE}"\n'
+            'sha256 = "00"\nlabels_url = "https://example.invalid/labels.txt"\n',
+            "labels_sha256 is missing",
+            id="labels-without-sha256",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", [("models", "list"), ("models", "fetch")], ids=["list", "fetch"])
@@ -307,3 +301,19 @@ def test_good_tmp_manifest_is_used(model_cache: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith(f"{DEFAULT} (default): not cached;")
     assert "mobilenet_v2_1.0_224_quant" not in proc.stdout
+
+
+def test_unreadable_manifest_and_cache_are_one_line(model_cache: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b"\xff\xfe")
+    proc = run_cli("models", "list", env={"EDGECAM_MANIFEST": str(bad)})
+    assert proc.returncode == 2
+    one_error_line(proc, str(bad), "not UTF-8")
+    proc = run_cli("models", "list", env={"EDGECAM_MANIFEST": str(tmp_path)})
+    assert proc.returncode == 2
+    one_error_line(proc, str(tmp_path), "cannot read model manifest")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    proc = run_cli("models", "fetch", env={"EDGECAM_MODEL_DIR": str(a_file)})
+    assert proc.returncode == 2
+    one_error_line(proc, str(a_file), "cannot write to the model cache")

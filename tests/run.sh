@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run): lint, the whole suite on the default
+# install (ai-edge-litert, NumPy 2), then the model and CAM tests again on the
+# Raspberry Pi OS bookworm shape (tflite-runtime 2.14, NumPy 1.x, OpenCV 4.11).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+make_venv() {  # dir, pip args...
+  local dir="$1"; shift
+  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir" || return 1
+  "$dir/bin/python" -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" || true
+  "$dir/bin/python" -c 'import edgecam' || return 1
+}
+
+status=0
+echo "== default install: ai-edge-litert"
+make_venv .venv -e ".[test]" || { echo "tests/run.sh: could not install .venv" >&2; exit 1; }
+.venv/bin/ruff check edgecam tests bench || status=1
+.venv/bin/python -m pytest -q "$@" || status=1
+
+echo "== bookworm shape: tflite-runtime 2.14, numpy<2 (model and CAM tests)"
+if "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  make_venv .venv-bookworm -c constraints/bookworm.txt -e ".[test,tflite]" \
+    || { echo "tests/run.sh: could not install .venv-bookworm" >&2; exit 1; }
+  EDGECAM_RUNTIME=tflite .venv-bookworm/bin/python -m pytest -q -m model "$@" || status=1
+else
+  echo "tflite-runtime has no wheels for $("$PYTHON" -V); skipped"
+fi
+exit $status
