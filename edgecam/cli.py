@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
 
     models = sub.add_parser("models", help="list, fetch and prepare models")
+    models.set_defaults(print_usage=models.print_help)
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.add_parser("list", help="models in the manifest and whether they are cached")
     fe = msub.add_parser("fetch", help="download models into the cache, checking sha256")
@@ -98,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "models":
-            return _models(args, parser)
-        parser.print_help()
+            return _models(args)
+        parser.print_help(sys.stderr)
         return 2
     except EdgecamError as exc:
         print(f"edgecam: error: {exc}", file=sys.stderr)
@@ -157,7 +158,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _models(args: argparse.Namespace) -> int:
     from . import models as m
 
     if args.models_command == "list":
@@ -193,7 +194,7 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise EdgecamError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
         print(f"{args.output}: outputs now include the feature map #{head.feature} and the logits #{head.logits}")
         return 0
-    parser.parse_args(["models", "--help"])
+    args.print_usage(sys.stderr)
     return 2
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, and .ci/run): lint, the whole suite on the default
 # install (ai-edge-litert, NumPy 2), then the model and CAM tests again on the
-# Raspberry Pi OS bookworm shape (tflite-runtime 2.14, NumPy 1.x, OpenCV 4.11).
+# Raspberry Pi OS bookworm shape (NumPy 1.x, OpenCV 4.11): with tflite-runtime
+# 2.14, and with ai-edge-litert under ml-dtypes<0.6.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -24,6 +25,8 @@ if "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   make_venv .venv-bookworm -c constraints/bookworm.txt -e ".[test,tflite]" \
     || { echo "tests/run.sh: could not install .venv-bookworm" >&2; exit 1; }
   EDGECAM_RUNTIME=tflite .venv-bookworm/bin/python -m pytest -q -m model "$@" || status=1
+  echo "== bookworm shape with ai-edge-litert (a Pi's default install): model and CAM tests"
+  EDGECAM_RUNTIME=litert .venv-bookworm/bin/python -m pytest -q -m model "$@" || status=1
 else
   echo "tflite-runtime has no wheels for $("$PYTHON" -V); skipped"
 fi

@@ -236,3 +236,10 @@ def test_threads_from_the_environment_must_be_a_number(model_cache: Path) -> Non
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["edgecam: error: EDGECAM_THREADS='abc' is not a whole number"]
+
+
+@pytest.mark.parametrize("argv", [(), ("models",)], ids=["no-command", "models-no-action"])
+def test_missing_command_shows_usage_and_fails(argv: tuple[str, ...]) -> None:
+    proc = run_cli(*argv)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: edgecam") and proc.stdout == ""
