@@ -1,0 +1,88 @@
+"""MQTT contract v1 payloads: the result JSON and its compressed heatmap. Pure functions.
+
+The raw CAM (w x h floats) travels as an 8-bit grayscale PNG, min..max scaled to
+0..255, base64 in the JSON; a consumer recovers it as min + (max - min) * p / 255.
+A 7x7 map is about 100 bytes of PNG, so a whole result stays well under 1 KB.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import numpy as np
+
+CONTRACT_VERSION = 1
+
+
+class PayloadError(ValueError):
+    """A payload that does not follow the contract."""
+
+
+def encode_cam(cam: np.ndarray) -> dict[str, Any]:
+    """The raw map as {w, h, min, max, png}."""
+    if cam.ndim != 2 or cam.size == 0:
+        raise ValueError(f"a CAM is a non-empty 2-D map, got shape {cam.shape}")
+    lo, hi = float(cam.min()), float(cam.max())
+    span = hi - lo
+    pixels = np.zeros(cam.shape, np.uint8) if span <= 0 else np.rint((cam - lo) * (255.0 / span)).astype(np.uint8)
+    ok, png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return {
+        "w": int(cam.shape[1]),
+        "h": int(cam.shape[0]),
+        "min": round(lo, 6),
+        "max": round(hi, 6),
+        "png": base64.b64encode(png.tobytes()).decode("ascii"),
+    }
+
+
+def decode_cam(obj: dict[str, Any]) -> np.ndarray:
+    """The raw map back from {w, h, min, max, png}, within one step (max - min) / 255."""
+    try:
+        data = base64.b64decode(obj["png"], validate=True)
+        lo, hi, w, h = float(obj["min"]), float(obj["max"]), int(obj["w"]), int(obj["h"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"cam: {exc}") from None
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 2 or pixels.shape != (h, w) or pixels.dtype != np.uint8:
+        raise PayloadError(f"cam: png is not an 8-bit {w}x{h} grayscale image")
+    return (lo + (hi - lo) * pixels.astype(np.float32) / 255.0).astype(np.float32)
+
+
+def iso_ms(ts: float) -> str:
+    """UTC ISO 8601 with milliseconds: 2026-11-26T11:34:17.123Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def result_payload(
+    *,
+    device: str,
+    boot: str,
+    seq: int,
+    ts: float,
+    model: str,
+    top: Sequence[tuple[int, str, float]],
+    cam_id: int,
+    cam_label: str,
+    cam: np.ndarray,
+    timing_ms: dict[str, float],
+) -> bytes:
+    """One `.../result` message, compact JSON."""
+    obj = {
+        "v": CONTRACT_VERSION,
+        "device": device,
+        "boot": boot,
+        "seq": int(seq),
+        "ts": iso_ms(ts),
+        "model": model,
+        "top": [{"id": int(i), "label": lab, "score": round(float(s), 4)} for i, lab, s in top],
+        "cam": {"id": int(cam_id), "label": cam_label, **encode_cam(cam)},
+        "timing_ms": {k: round(float(v), 2) for k, v in timing_ms.items()},
+    }
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
