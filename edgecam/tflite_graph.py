@@ -78,10 +78,6 @@ class _Buf:
                 f"offset {pos} is outside the file ({self.size} bytes): truncated or not a TFLite model"
             )
 
-    def u8(self, pos: int) -> int:
-        self._check(pos, 1)
-        return self.data[pos]
-
     def i32(self, pos: int) -> int:
         self._check(pos, 4)
         return struct.unpack_from("<i", self.data, pos)[0]
@@ -93,10 +89,6 @@ class _Buf:
     def u16(self, pos: int) -> int:
         self._check(pos, 2)
         return struct.unpack_from("<H", self.data, pos)[0]
-
-    def u64(self, pos: int) -> int:
-        self._check(pos, 8)
-        return struct.unpack_from("<Q", self.data, pos)[0]
 
 
 class _Table:
@@ -158,10 +150,6 @@ class _Table:
             elem = pos + 4 + 4 * i
             out.append(_Table(self.buf, elem + self.buf.u32(elem)))
         return out
-
-    def vector_field_pos(self, index: int) -> int | None:
-        """Position of the uoffset field that points at a vector."""
-        return self.field_pos(index)
 
 
 @dataclass(frozen=True)
@@ -350,7 +338,7 @@ def with_outputs(data: bytes, extra: list[int]) -> bytes:
     buf = _Buf(data)
     model = _Table(buf, buf.u32(0))
     sg = model.tables(2)[0]
-    field_pos = sg.vector_field_pos(2)
+    field_pos = sg.field_pos(2)  # the uoffset to the outputs vector
     if field_pos is None:
         raise GraphFormatError("subgraph 0 has no outputs field to extend")
     out = bytearray(data)
