@@ -83,7 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
     pr = msub.add_parser("prepare", help="write a copy of a model whose outputs include the CAM feature map")
     pr.add_argument("input", type=Path, metavar="IN")
     pr.add_argument("output", type=Path, metavar="OUT")
+    _add_daemon_parsers(sub)
     return parser
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    """The common settings as flags; they win over the file and the environment."""
+    p.add_argument(
+        "--config", "-c", type=Path, help="TOML config (default: $EDGECAM_CONFIG, else /etc/edgecam/edgecam.toml)"
+    )
+    p.add_argument("--source", "-s", metavar="SPEC",
+                   help="auto, picamera2, a directory of images, a device (0, /dev/video0), a URL or a video file")
+    p.add_argument("--source-fps", type=float, metavar="FPS", help="play a folder or video file at this rate")
+    p.add_argument("--once", action="store_true", help="play a folder or video file once, then stop")
+    p.add_argument("--broker", "-b", metavar="HOST[:PORT]", help="MQTT broker (default localhost:1883)")
+    p.add_argument("--no-mqtt", action="store_true", help="print results as JSON lines instead of publishing")
+    p.add_argument("--device-id", help="device id in topics (default: the host name)")
+    p.add_argument("--prefix", help="topic prefix (default edgecam)")
+    p.add_argument("--model", "-m", help="manifest model name or .tflite path")
+    p.add_argument("--threads", type=int, help="interpreter threads")
+    p.add_argument("--max-fps", type=float, help="at most this many frames a second")
+    p.add_argument("--publish", choices=("every", "change"), help="publish every result or only changes")
+    p.add_argument("--overlay-every", type=int, metavar="N", help="an overlay JPEG every N results (0: never)")
+
+
+def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="the daemon: capture, classify, explain, publish over MQTT")
+    _add_overrides(run)
+    run.add_argument("--max-frames", type=int, default=0, metavar="N", help="stop cleanly after N frames")
+    run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    cfg = sub.add_parser("config", help="check the configuration, or print a commented default")
+    cfg.set_defaults(print_usage=cfg.print_help)
+    csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    check = csub.add_parser("check", help="validate and print the effective configuration, secrets redacted")
+    _add_overrides(check)
+    csub.add_parser("default", help="print a commented default config file")
+
+    w = sub.add_parser("watch", help="print results from the broker as readable lines")
+    w.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
+    w.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
+    w.add_argument("--device", "-d", help="only this device (default: all)")
+    w.add_argument("--heatmap", action="store_true", help="draw each decoded CAM as text shades")
+    w.add_argument("--count", "-n", type=int, default=0, help="exit after N results")
+    w.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "run":
+            from .run import run_daemon
+
+            return run_daemon(args)
+        if args.command == "config":
+            return _config(args)
+        if args.command == "watch":
+            from .watch import run_watch
+
+            return run_watch(args)
         parser.print_help(sys.stderr)
         return 2
     except EdgecamError as exc:
@@ -193,6 +246,25 @@ def _models(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise EdgecamError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
         print(f"{args.output}: outputs now include the feature map #{head.feature} and the logits #{head.logits}")
+        return 0
+    args.print_usage(sys.stderr)
+    return 2
+
+
+def _config(args: argparse.Namespace) -> int:
+    from . import config
+
+    if args.config_command == "check":
+        from .run import effective_config
+
+        cfg, origin = effective_config(args)
+        print(f"# edgecam {__version__}: configuration from {origin}, environment and flags; valid")
+        print(config.to_toml(cfg), end="")
+        return 0
+    if args.config_command == "default":
+        print(f"# edgecam {__version__} configuration: /etc/edgecam/edgecam.toml. Every key is optional;")
+        print("# the commented value is the default. EDGECAM_<SECTION>_<KEY> variables and flags override.")
+        print(config.describe_keys(), end="")
         return 0
     args.print_usage(sys.stderr)
     return 2

@@ -72,8 +72,13 @@ def result_payload(
     cam_label: str,
     cam: np.ndarray,
     timing_ms: dict[str, float],
+    extra_cams: Sequence[tuple[int, str, np.ndarray]] = (),
 ) -> bytes:
-    """One `.../result` message, compact JSON."""
+    """One `.../result` message, compact JSON.
+
+    `extra_cams` (classes a command asked for) go in an optional "cams" list of the
+    same objects as "cam"; consumers of v1 that do not know the key ignore it.
+    """
     obj = {
         "v": CONTRACT_VERSION,
         "device": device,
@@ -85,4 +90,6 @@ def result_payload(
         "cam": {"id": int(cam_id), "label": cam_label, **encode_cam(cam)},
         "timing_ms": {k: round(float(v), 2) for k, v in timing_ms.items()},
     }
+    if extra_cams:
+        obj["cams"] = [{"id": int(i), "label": lab, **encode_cam(m)} for i, lab, m in extra_cams]
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,177 @@
+"""Capture: a live source read in its own thread, newest frame wins; or a source pulled in turn.
+
+A camera delivers frames whether or not the model keeps up. Queuing them would make
+every result older than the last; instead the capture thread overwrites one slot,
+and the loop always takes the newest frame. Overwritten frames are counted as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .errors import EdgecamError
+from .sources import Frame, Source, SourceEnded, SourceError
+
+log = logging.getLogger("edgecam")
+
+
+@dataclass
+class CaptureState:
+    captured: int = 0
+    dropped: int = 0
+    state: str = "starting"  # starting | ok | degraded | ended
+    reason: str = ""
+    reopens: int = 0
+
+
+class Backoff:
+    """Delays that double from `first` up to `most`; reset after a success."""
+
+    def __init__(self, first: float = 0.5, most: float = 30.0) -> None:
+        self.first, self.most = first, most
+        self.current = 0.0
+
+    def next(self) -> float:
+        self.current = self.first if not self.current else min(self.current * 2, self.most)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+class LatestFrame:
+    """One slot: put() overwrites, take() waits for a frame newer than the last taken."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+        self._ended = False
+        self.overwritten = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.overwritten += 1
+            self._frame = frame
+            self._cond.notify()
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> Frame | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._frame is not None or self._ended, timeout):
+                return None
+            frame, self._frame = self._frame, None
+            if frame is None:
+                raise SourceEnded("source ended")
+            return frame
+
+
+class Capture:
+    """The loop's view of a source: take() the next frame to work on, or None after a timeout."""
+
+    def __init__(self, source: Source, read_timeout: float = 5.0) -> None:
+        self.source = source
+        self.read_timeout = read_timeout
+        self.stats = CaptureState()
+        self._slot = LatestFrame()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = Backoff()
+
+    def start(self) -> None:
+        if self.source.live:
+            self._thread = threading.Thread(target=self._run, name="edgecam-capture", daemon=True)
+            self._thread.start()
+
+    def take(self) -> Frame | None:
+        """The newest frame; None when none came within read_timeout. Raises SourceEnded at the end."""
+        if self.source.live:
+            frame = self._slot.take(self.read_timeout)
+            self.stats.dropped = self._slot.overwritten
+            if frame is None and self.stats.state == "ok":
+                self._degrade(f"no frame for {self.read_timeout:g} s")
+            return frame
+        return self._pull()
+
+    def _pull(self) -> Frame | None:
+        try:
+            frame = self.source.read()
+        except SourceEnded:
+            self.stats.state = "ended"
+            raise
+        except SourceError as exc:
+            self._degrade(str(exc))
+            time.sleep(self._backoff.next())
+            return None
+        self._ok()
+        return frame
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.source.read()
+            except SourceEnded:
+                self.stats.state = "ended"
+                self._slot.end()
+                return
+            except (SourceError, EdgecamError) as exc:
+                self._degrade(str(exc))
+                self._reopen()
+                continue
+            self._ok()
+            self._slot.put(frame)
+
+    def _reopen(self) -> None:
+        """Close, wait (doubling, so a missing camera never spins the CPU), open again."""
+        try:
+            self.source.close()
+        except Exception as exc:  # a source already gone may fail to close; that is not news
+            log.debug("closing %s: %s", self.source.description, exc)
+        while not self._stop.is_set():
+            delay = self._backoff.next()
+            log.warning("source: %s; reopening in %.1f s", self.stats.reason, delay)
+            if self._stop.wait(delay):
+                return
+            try:
+                self.source.open()
+                self.stats.reopens += 1
+                log.info("source: %s reopened", self.source.description)
+                return
+            except (SourceError, EdgecamError) as exc:
+                self.stats.reason = str(exc)
+
+    def _ok(self) -> None:
+        self.stats.captured += 1
+        if self.stats.state != "ok":
+            if self.stats.state == "degraded":
+                log.info("source: frames again from %s", self.source.description)
+            self.stats.state, self.stats.reason = "ok", ""
+            self._backoff.reset()
+
+    def _degrade(self, reason: str) -> None:
+        if self.stats.state != "degraded" or self.stats.reason != reason:
+            log.warning("source: %s", reason)
+        self.stats.state, self.stats.reason = "degraded", reason
+
+    def interrupt(self) -> None:
+        """Wake a take() that is waiting; safe from a signal handler."""
+        self._stop.set()
+        self._slot.end()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._slot.end()
+        if self._thread is not None:
+            # A read() blocked inside a driver cannot be interrupted; the thread is a daemon.
+            self._thread.join(timeout=2.0)
+        try:
+            self.source.close()
+        except Exception as exc:
+            log.debug("closing %s: %s", self.source.description, exc)

@@ -1,0 +1,209 @@
+"""`edgecam run`: the frame loop. Frame -> preprocess -> invoke -> top-k -> CAM -> encode -> publish."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .capture import Capture
+from .config import Config
+from .explain import explain_frame
+from .model import Classifier
+from .mqtt import Sink
+from .payload import result_payload
+from .policy import EveryN, PublishPolicy
+from .render import overlay
+from .sources import Frame, SourceEnded
+from .stats import StageTimes, cpu_temperature, stats_payload
+
+log = logging.getLogger("edgecam")
+
+
+@dataclass
+class Requests:
+    """Classes whose CAM is wanted in the next results besides the top-1 (set by commands)."""
+
+    classes: dict[int, int] = field(default_factory=dict)  # class id -> frames left
+
+    def take(self) -> list[int]:
+        wanted = list(self.classes)
+        for c in wanted:
+            self.classes[c] -= 1
+            if self.classes[c] <= 0:
+                del self.classes[c]
+        return wanted
+
+
+def published_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The map as published: raw, or resized when the config asks for a size."""
+    if not width:
+        return cam
+    return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay_jpeg(frame: Frame, cam: np.ndarray, box: tuple[int, int, int, int], cfg: Config) -> bytes:
+    """The overlay at the configured size: the frame is scaled down first, so the cost does not grow with it."""
+    lp = cfg.loop
+    picture = frame.display if frame.display is not None else frame.image
+    h, w = picture.shape[:2]
+    small = cv2.resize(picture, (lp.overlay_width, lp.overlay_height), interpolation=cv2.INTER_AREA)
+    if frame.display is not None:
+        # The model saw the low-resolution stream whole; its box is the whole display.
+        box = (0, 0, w, h)
+    sx, sy = lp.overlay_width / w, lp.overlay_height / h
+    x0, y0, x1, y1 = box
+    scaled = (round(x0 * sx), round(y0 * sy), max(round(x1 * sx), 1), max(round(y1 * sy), 1))
+    img = overlay(small, cam, lp.overlay_style, scaled)
+    ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, lp.jpeg_quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, clf: Classifier, capture: Capture, sink: Sink, runtime: str = "") -> None:
+        self.cfg = cfg
+        self.clf = clf
+        self.capture = capture
+        self.sink = sink
+        self.runtime = runtime
+        self.device = cfg.device
+        self.boot = secrets.token_hex(4)
+        self.seq = 0
+        self.processed = 0
+        self.times = StageTimes()
+        self.policy = PublishPolicy(cfg.loop.publish, cfg.loop.change_delta, cfg.loop.heartbeat)
+        self.overlays = EveryN(cfg.loop.overlay_every)
+        self.requests = Requests()
+        self.snapshot = threading.Event()
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self.last_result: bytes | None = None
+        self.last_overlay: bytes | None = None
+
+    def install_signals(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            self.stop.set()
+            self.capture.interrupt()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, max_frames: int = 0) -> int:
+        """The loop; returns how many results the broker never acknowledged."""
+        lp = self.cfg.loop
+        period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
+        next_stats = time.monotonic() + min(lp.stats_interval, 2.0)
+        next_frame = 0.0
+        self.sink.start()
+        self.capture.start()
+        log.info(
+            "running: %s on %s, model %s (%s), device %s",
+            self.capture.source.description, self.runtime, self.clf.name,
+            f"{self.clf.input.width}x{self.clf.input.height}", self.device,
+        )
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if period and now < next_frame:
+                    self.stop.wait(next_frame - now)
+                    continue
+                try:
+                    frame = self.capture.take()
+                except SourceEnded:
+                    if not self.stop.is_set():
+                        log.info("source: %s ended", self.capture.source.description)
+                    break
+                if frame is not None:
+                    next_frame = max(next_frame + period, time.monotonic()) if period else 0.0
+                    self.step(frame)
+                    if max_frames and self.processed >= max_frames:
+                        break
+                if time.monotonic() >= next_stats:
+                    self.publish_stats()
+                    next_stats = time.monotonic() + lp.stats_interval
+        finally:
+            self.capture.stop()
+            self.publish_stats()
+            left = self.sink.close(self.cfg.mqtt.shutdown_timeout)
+        return left
+
+    def step(self, frame: Frame) -> None:
+        """One frame, start to finish."""
+        lp = self.cfg.loop
+        start = time.monotonic()
+        t: dict[str, float] = {"capture_age": (start - frame.mono) * 1e3}
+        extra = self.requests.take()
+        exp = explain_frame(self.clf, frame.image, 3, extra, self.cfg.model.crop, timing=t)
+        self.processed += 1
+        top_id, _, top_score = exp.top[0]
+        t["total"] = t["capture_age"] + t["pre"] + t["infer"] + t["cam"]
+        if self.policy.decide(top_id, top_score, start):
+            t0 = time.perf_counter()
+            self.seq += 1
+            labels = self.clf.labels
+            maps = [published_map(m, lp.heatmap_width, lp.heatmap_height) for m in exp.cams]
+            payload = result_payload(
+                device=self.device,
+                boot=self.boot,
+                seq=self.seq,
+                ts=frame.ts,
+                model=self.clf.name,
+                top=exp.top,
+                cam_id=exp.cam_ids[0],
+                cam_label=labels[exp.cam_ids[0]],
+                cam=maps[0],
+                timing_ms={k: t[k] for k in ("capture_age", "pre", "infer", "cam", "total")},
+                extra_cams=[(c, labels[c], m) for c, m in zip(exp.cam_ids[1:], maps[1:], strict=True)],
+            )
+            t1 = time.perf_counter()
+            self.sink.result(payload)
+            t2 = time.perf_counter()
+            t["encode"], t["publish"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            self.last_result = payload
+            if self.overlays.due() or self.snapshot.is_set():
+                self.snapshot.clear()
+                jpeg = overlay_jpeg(frame, exp.cams[0], exp.box, self.cfg)
+                self.sink.overlay(jpeg)
+                t["overlay"] = (time.perf_counter() - t2) * 1e3
+                self.last_overlay = jpeg
+        self.times.add(t, time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        cap = self.capture.stats
+        counts = self.sink.counts
+        return {
+            "device": self.device,
+            "boot": self.boot,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "state": "ok" if cap.state in ("ok", "ended") else cap.state,
+            "reason": cap.reason,
+            "source": self.capture.source.description,
+            "fps": round(self.times.fps(), 2),
+            "frames": {
+                "captured": cap.captured,
+                "dropped": cap.dropped,
+                "processed": self.processed,
+                "published": counts.get("published", 0),
+                "overlays": counts.get("overlays", 0),
+                "unsent_dropped": counts.get("dropped", 0),
+                "pending": counts.get("pending", 0),
+            },
+            "timing_ms": self.times.medians(),
+            "model": self.clf.name,
+            "runtime": self.runtime,
+            "threads": self.cfg.model.threads,
+            "cpu_temp_c": cpu_temperature(),
+        }
+
+    def publish_stats(self) -> None:
+        self.sink.stats(stats_payload(**self.stats()))

@@ -1,0 +1,51 @@
+"""Per-stage timings and the retained stats message."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGES = ("capture_age", "pre", "infer", "cam", "encode", "overlay", "publish", "total")
+
+
+class StageTimes:
+    """The last `window` frames' stage times (ms), for medians, and frame times for fps."""
+
+    def __init__(self, window: int = 300) -> None:
+        self.times: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
+        self.done: deque[float] = deque(maxlen=window)
+
+    def add(self, stage_ms: dict[str, float], finished: float) -> None:
+        for stage, ms in stage_ms.items():
+            self.times[stage].append(ms)
+        self.done.append(finished)
+
+    def medians(self) -> dict[str, float]:
+        return {s: round(float(np.median(v)), 3) for s, v in self.times.items() if v}
+
+    def fps(self, now: float | None = None, span: float = 10.0) -> float:
+        """Frames finished in the last `span` seconds, per second."""
+        if len(self.done) < 2:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self.done if now - t <= span]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+
+def cpu_temperature(zone: Path = Path("/sys/class/thermal/thermal_zone0/temp")) -> float | None:
+    """The SoC temperature in °C where the board has a sensor (every Pi does)."""
+    try:
+        return round(int(zone.read_text().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+def stats_payload(**fields: Any) -> bytes:
+    return json.dumps({"v": 1, **fields}, separators=(",", ":")).encode("utf-8")
