@@ -20,6 +20,7 @@ from .model import Classifier
 from .mqtt import Sink
 from .payload import result_payload
 from .policy import EveryN, PublishPolicy
+from .preprocess import resize_area_fast
 from .render import overlay
 from .sources import Frame, SourceEnded
 from .stats import StageTimes, cpu_temperature, stats_payload
@@ -54,7 +55,7 @@ def overlay_jpeg(frame: Frame, cam: np.ndarray, box: tuple[int, int, int, int], 
     lp = cfg.loop
     picture = frame.display if frame.display is not None else frame.image
     h, w = picture.shape[:2]
-    small = cv2.resize(picture, (lp.overlay_width, lp.overlay_height), interpolation=cv2.INTER_AREA)
+    small = resize_area_fast(picture, lp.overlay_width, lp.overlay_height)
     if frame.display is not None:
         # The model saw the low-resolution stream whole; its box is the whole display.
         box = (0, 0, w, h)

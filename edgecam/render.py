@@ -18,14 +18,34 @@ def upsample(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
 
 
+def heat_u8(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The map min-max scaled to 0..255 on its own grid, then upsampled bicubically.
+
+    Working in uint8 makes the upsampling about twenty times cheaper than in float
+    (OpenCV's fixed-point path), and 256 levels are all a picture shows. Bicubic
+    overshoot saturates at 0 and 255, so 255 stays the map's own maximum.
+    """
+    small = cv2.convertScaleAbs(normalize(cam), alpha=255.0)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
 def heatmap(cam: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The map upsampled and min-max normalised to 0..1."""
-    return normalize(upsample(normalize(cam), width, height))
+    """The upsampled map as 0..1 floats."""
+    return heat_u8(cam, width, height).astype(np.float32) * (1.0 / 255.0)
+
+
+# JET as a lookup table: applyColorMap builds one on every call, which costs more than the lookup.
+_JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)
+
+
+def jet_u8(heat: np.ndarray) -> np.ndarray:
+    """BGR JET colouring of a 0..255 map."""
+    return cv2.LUT(cv2.cvtColor(heat, cv2.COLOR_GRAY2BGR), _JET)
 
 
 def jet(heat01: np.ndarray) -> np.ndarray:
     """BGR JET colouring of a 0..1 map."""
-    return cv2.applyColorMap(np.clip(heat01 * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return jet_u8(cv2.convertScaleAbs(heat01, alpha=255.0))
 
 
 def overlay(
@@ -47,13 +67,14 @@ def overlay(
     out = frame_bgr.copy()
     x0, y0, x1, y1 = box if box is not None else (0, 0, frame_bgr.shape[1], frame_bgr.shape[0])
     region = out[y0:y1, x0:x1]
-    heat = heatmap(cam, x1 - x0, y1 - y0)
-    colour = jet(heat)
+    heat8 = heat_u8(cam, x1 - x0, y1 - y0)
+    colour = jet_u8(heat8)
     if style == "blend":
         region[:] = cv2.addWeighted(colour, alpha, region, 1.0 - alpha, 0.0)
     else:
         grey = cv2.cvtColor(cv2.cvtColor(region, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         dimmed = (grey.astype(np.float32) * 0.5).astype(np.uint8)
+        heat = heat8.astype(np.float32) * (1.0 / 255.0)
         keep = heat >= threshold
         a = (0.35 + 0.5 * heat)[..., None]
         mixed = (colour.astype(np.float32) * a + dimmed.astype(np.float32) * (1 - a)).astype(np.uint8)

@@ -98,3 +98,58 @@ def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+@pytest.fixture
+def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real Mosquitto on a free loopback port, stopped after the test."""
+    from broker import Broker
+
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+class Daemon:
+    """`edgecam run ARGS` as a background process, its log in a file."""
+
+    def __init__(self, log: Path, *args: str | Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgecam", "run", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start daemons with `daemons(*args)`; any still running are killed after the test."""
+    started: list[Daemon] = []
+
+    def start(*args: str | Path, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(started)}.log", *args, env=env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
