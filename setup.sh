@@ -33,6 +33,23 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   fi
 fi
 
+# The README's first command publishes to a broker on localhost:1883. On Raspberry Pi
+# OS the package starts one under systemd; elsewhere (containers, no systemd) start
+# one in local-only mode, which accepts connections from this machine only.
+broker_up() { (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; }
+if ! broker_up; then
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl enable --now mosquitto >/dev/null 2>&1 || true
+  fi
+  if ! broker_up; then
+    mosq="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+    if [ -x "$mosq" ]; then
+      echo "setup.sh: starting a local Mosquitto on 127.0.0.1:1883 (no systemd here)"
+      "$mosq" -d -p 1883 || echo "setup.sh: warning: could not start mosquitto" >&2
+    fi
+  fi
+fi
+
 venv_args=()
 constraints=()
 if "$PYTHON" -c 'import picamera2' >/dev/null 2>&1; then

@@ -95,7 +95,7 @@ class Capture:
         if self.source.live:
             frame = self._slot.take(self.read_timeout)
             self.stats.dropped = self._slot.overwritten
-            if frame is None and self.stats.state == "ok":
+            if frame is None and self.stats.state in ("ok", "starting"):
                 self._degrade(f"no frame for {self.read_timeout:g} s")
             return frame
         return self._pull()

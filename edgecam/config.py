@@ -8,6 +8,7 @@ reported as one line naming the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import tomllib
@@ -212,7 +213,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> tuple[C
     Returns the configuration and a word on where it came from.
     """
     environ = os.environ if environ is None else environ
-    if path is None and ENV_PREFIX + "CONFIG" in environ:
+    if path is None and environ.get(ENV_PREFIX + "CONFIG", "").strip():
         path = Path(environ[ENV_PREFIX + "CONFIG"])
     explicit = path is not None
     path = path or DEFAULT_PATH
@@ -303,5 +304,6 @@ def to_toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are TOML's, control characters included; TOML also bars a raw DEL.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(v)

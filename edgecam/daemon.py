@@ -15,13 +15,13 @@ import numpy as np
 
 from .capture import Capture
 from .config import Config
-from .explain import explain_frame
+from .explain import Explanation, explain_frame
 from .model import Classifier
 from .mqtt import Sink
 from .payload import result_payload
 from .policy import EveryN, PublishPolicy
-from .preprocess import resize_area_fast
-from .render import overlay
+from .preprocess import Box
+from .render import overlay, resize_picture
 from .sources import Frame, SourceEnded
 from .stats import StageTimes, cpu_temperature, stats_payload
 
@@ -50,19 +50,28 @@ def published_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def overlay_jpeg(frame: Frame, cam: np.ndarray, box: tuple[int, int, int, int], cfg: Config) -> bytes:
-    """The overlay at the configured size: the frame is scaled down first, so the cost does not grow with it."""
-    lp = cfg.loop
-    picture = frame.display if frame.display is not None else frame.image
-    h, w = picture.shape[:2]
-    small = resize_area_fast(picture, lp.overlay_width, lp.overlay_height)
+def overlay_picture(frame: Frame, exp: Explanation, width: int, height: int) -> tuple[np.ndarray, Box]:
+    """The picture to draw on at width x height, and where the model's box falls on it.
+
+    Preferred, in order: the source's display stream (the model saw all of it); the
+    scaled-down view preprocessing made on the way to the model, while it is still in
+    the cache, when the model saw the whole frame; else the frame itself.
+    """
     if frame.display is not None:
-        # The model saw the low-resolution stream whole; its box is the whole display.
-        box = (0, 0, w, h)
-    sx, sy = lp.overlay_width / w, lp.overlay_height / h
-    x0, y0, x1, y1 = box
-    scaled = (round(x0 * sx), round(y0 * sy), max(round(x1 * sx), 1), max(round(y1 * sy), 1))
-    img = overlay(small, cam, lp.overlay_style, scaled)
+        return resize_picture(frame.display, width, height), (0, 0, width, height)
+    h, w = frame.image.shape[:2]
+    if exp.view is not None and exp.box == (0, 0, w, h):
+        return resize_picture(exp.view, width, height), (0, 0, width, height)
+    sx, sy = width / w, height / h
+    x0, y0, x1, y1 = exp.box
+    box = (round(x0 * sx), round(y0 * sy), max(round(x1 * sx), 1), max(round(y1 * sy), 1))
+    return resize_picture(frame.image, width, height), box
+
+
+def overlay_jpeg(frame: Frame, exp: Explanation, cfg: Config) -> bytes:
+    lp = cfg.loop
+    picture, box = overlay_picture(frame, exp, lp.overlay_width, lp.overlay_height)
+    img = overlay(picture, exp.cams[0], lp.overlay_style, box)
     ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, lp.jpeg_quality])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -173,9 +182,11 @@ class Daemon:
             self.last_result = payload
             if self.overlays.due() or self.snapshot.is_set():
                 self.snapshot.clear()
-                jpeg = overlay_jpeg(frame, exp.cams[0], exp.box, self.cfg)
+                jpeg = overlay_jpeg(frame, exp, self.cfg)
+                t3 = time.perf_counter()
                 self.sink.overlay(jpeg)
-                t["overlay"] = (time.perf_counter() - t2) * 1e3
+                t["overlay"] = (t3 - t2) * 1e3
+                t["publish"] += (time.perf_counter() - t3) * 1e3
                 self.last_overlay = jpeg
         self.times.add(t, time.monotonic())
 

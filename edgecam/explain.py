@@ -28,6 +28,7 @@ class Explanation:
     cam_ids: list[int]  # top-1 first, then the classes asked for
     cams: np.ndarray  # raw maps [len(cam_ids), H, W]
     box: Box
+    view: np.ndarray | None = None  # the box of the frame, scaled down on the way to the model (BGR)
 
 
 def explain_frame(
@@ -44,7 +45,8 @@ def explain_frame(
     With `timing`, the milliseconds of each stage are stored in it: pre, infer, cam.
     """
     t0 = time.perf_counter()
-    x, box = to_input(frame_bgr, clf.input, crop, exact)
+    keep: dict = {}
+    x, box = to_input(frame_bgr, clf.input, crop, exact, keep)
     t1 = time.perf_counter()
     inf = clf.infer(x)
     t2 = time.perf_counter()
@@ -55,7 +57,7 @@ def explain_frame(
     if timing is not None:
         t3 = time.perf_counter()
         timing.update(pre=(t1 - t0) * 1e3, infer=(t2 - t1) * 1e3, cam=(t3 - t2) * 1e3)
-    return Explanation(top, cam_ids, cams, box)
+    return Explanation(top, cam_ids, cams, box, keep.get("view"))
 
 
 def to_json(image: str, model: str, exp: Explanation, labels: list[str]) -> dict[str, Any]:

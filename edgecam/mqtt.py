@@ -79,6 +79,7 @@ class MqttSink:
         self._early_acks: set[int] = set()
         self._connected = threading.Event()
         self._closing = False
+        self.connected_at_close = False
         self._delay = 0.0
         self._last_stats: bytes | None = None
         self._since: float | None = None
@@ -170,16 +171,18 @@ class MqttSink:
     def close(self, timeout: float) -> int:
         """Publish 'offline', wait up to `timeout` s for acknowledgements, disconnect.
 
-        Returns how many QoS 1 results the broker never acknowledged.
+        Returns how many QoS 1 messages the broker never acknowledged.
         """
         deadline = time.monotonic() + timeout
         if self.connected:
             if self._last_stats is not None:
                 self._publish("stats", self._last_stats, 1, retain=True)
             self._publish("status", b"offline", 1, retain=True)
-        while self.pending() and time.monotonic() < deadline:
+        # Waiting only makes sense on a live connection; paho does not resend before a reconnect.
+        while self.pending() and self.connected and time.monotonic() < deadline:
             time.sleep(0.02)
         left = self.pending()
+        self.connected_at_close = self.connected
         self._closing = True
         self.client.disconnect()
         self.client.loop_stop()

@@ -39,7 +39,7 @@ def crop_box(height: int, width: int, target_h: int, target_w: int, crop: bool) 
     return 0, y0, width, y0 + h
 
 
-def resize_area_fast(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_area_fast(image: np.ndarray, width: int, height: int, keep: dict | None = None) -> np.ndarray:
     """Area-like downscaling at a fraction of INTER_AREA's cost.
 
     INTER_AREA with a non-integer factor (1280x720 -> 224x224) costs more than the
@@ -48,17 +48,30 @@ def resize_area_fast(image: np.ndarray, width: int, height: int) -> np.ndarray:
     followed by INTER_AREA's integer fast path. On the shared images the two
     MobileNetV2 models keep their top-1 labels and move scores by at most 0.01;
     the tiny MobileNetV1 0.25/128 is more sensitive (see README), hence `exact`.
+    (Nearest-neighbour for the first step halves its cost but moves scores twice as much.)
+
+    With `keep`, keep["view"] is the largest picture made on the way (the intermediate,
+    or the image itself): overlays are drawn from it while it is still in the cache.
     """
     h, w = image.shape[:2]
     if w <= 3 * width and h <= 3 * height:
+        if keep is not None:
+            keep["view"] = image
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     kx, ky = max(1, math.ceil(w / (3 * width))), max(1, math.ceil(h / (3 * height)))
     mid = cv2.resize(image, (kx * width, ky * height), interpolation=cv2.INTER_LINEAR)
+    if keep is not None:
+        keep["view"] = mid
     return cv2.resize(mid, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def to_input(frame_bgr: np.ndarray, spec: InputSpec, crop: bool = False, exact: bool = False) -> tuple[np.ndarray, Box]:
-    """The model's [1, H, W, 3] input for a BGR (OpenCV order) frame, and the box it covers."""
+def to_input(
+    frame_bgr: np.ndarray, spec: InputSpec, crop: bool = False, exact: bool = False, keep: dict | None = None
+) -> tuple[np.ndarray, Box]:
+    """The model's [1, H, W, 3] input for a BGR (OpenCV order) frame, and the box it covers.
+
+    With `keep`, keep["view"] is a BGR picture of the box at least the input's size (see resize_area_fast).
+    """
     if frame_bgr.ndim == 2:
         frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
     if frame_bgr.ndim != 3 or frame_bgr.shape[2] not in (3, 4):
@@ -72,8 +85,10 @@ def to_input(frame_bgr: np.ndarray, spec: InputSpec, crop: bool = False, exact: 
         region = np.clip(region, 0, 255).astype(np.uint8)
     if exact:
         small = cv2.resize(region, (spec.width, spec.height), interpolation=cv2.INTER_AREA)
+        if keep is not None:
+            keep["view"] = region
     else:
-        small = resize_area_fast(region, spec.width, spec.height)
+        small = resize_area_fast(region, spec.width, spec.height, keep)
     rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
     if spec.dtype == np.uint8:
         x = rgb

@@ -93,9 +93,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     daemon.install_signals()
     left = daemon.run(args.max_frames)
     if left:
+        connected = getattr(sink, "connected_at_close", True)
+        why = f"waited {cfg.mqtt.shutdown_timeout:g} s" if connected else "not connected at exit"
         log.error(
-            "mqtt: %d results were not acknowledged by %s:%d within %g s; they are lost",
-            left, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.shutdown_timeout,
+            "mqtt: %d messages were not acknowledged by %s:%d (%s); they are lost",
+            left, cfg.mqtt.host, cfg.mqtt.port,
+            why,
         )
         return 1
     log.info("stopped after %d frames, %d results published", daemon.processed, daemon.seq)

@@ -35,20 +35,23 @@ def check_result(obj: Any) -> dict[str, Any]:
     """A contract v1 result, or PayloadError saying what is wrong with it."""
     if not isinstance(obj, dict):
         raise PayloadError("not a JSON object")
-    if obj.get("v") != CONTRACT_VERSION:
+    if obj.get("v") != CONTRACT_VERSION or isinstance(obj.get("v"), bool):
         raise PayloadError(f"contract version {obj.get('v')!r}, this edgecam reads {CONTRACT_VERSION}")
     for key in ("device", "seq", "top", "cam"):
         if key not in obj:
             raise PayloadError(f"no {key!r}")
     top = obj["top"]
     if not isinstance(top, list) or not top or not all(
-        isinstance(t, dict) and isinstance(t.get("label"), str) and isinstance(t.get("score"), int | float)
-        for t in top
+        isinstance(t, dict) and isinstance(t.get("label"), str) and _number(t.get("score")) for t in top
     ):
         raise PayloadError("'top' is not a list of {label, score}")
     if not isinstance(obj["cam"], dict):
         raise PayloadError("'cam' is not an object")
     return obj
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def result_line(obj: dict[str, Any]) -> str:

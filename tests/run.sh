@@ -14,6 +14,16 @@ make_venv() {  # dir, pip args...
   "$dir/bin/python" -c 'import edgecam' || return 1
 }
 
+# The MQTT tests start their own Mosquitto processes on free loopback ports; the
+# broker binary comes from Debian's package, as in setup.sh.
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing Mosquitto (Debian package) for the MQTT tests"
+  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+  { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; } \
+    || { echo "tests/run.sh: could not install mosquitto (apt-get install mosquitto)" >&2; exit 1; }
+fi
+
 status=0
 echo "== default install: ai-edge-litert"
 make_venv .venv -e ".[test]" || { echo "tests/run.sh: could not install .venv" >&2; exit 1; }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -208,14 +209,16 @@ def test_parse_opencv_uri(uri: str, expected: tuple[int | str, str]) -> None:
 class FakeCapture:
     """cv2.VideoCapture's methods, replaying `results` from read()."""
 
-    def __init__(self, args: tuple[Any, ...], opened: bool = True, results: list[tuple[bool, Any]] | None = None) -> None:
+    def __init__(
+        self, args: tuple[Any, ...], opened: bool = True, results: list[tuple[bool, Any]] | None = None
+    ) -> None:
         self.args = args
         self.opened = opened
         self.results = list(results or [])
         self.props: dict[int, float] = {}
         self.released = 0
 
-    def isOpened(self) -> bool:  # noqa: N802 (cv2's name)
+    def isOpened(self) -> bool:  # cv2's name
         return self.opened
 
     def read(self) -> tuple[bool, Any]:
@@ -254,7 +257,7 @@ def test_device_that_does_not_open() -> None:
 
 def test_stream_that_does_not_open_names_the_url() -> None:
     factory = FakeFactory(opened=False)
-    with pytest.raises(SourceError, match="rtsp://cam.lan/live"):
+    with pytest.raises(SourceError, match=re.escape("opencv stream rtsp://cam.lan/live: cannot open")):
         OpenCVSource("rtsp://cam.lan/live", factory=factory).open()
     assert factory.made[0].args == ("rtsp://cam.lan/live",)
 
