@@ -111,10 +111,16 @@ def main() -> int:
             cfg.model.threads = args.threads
         over_cfg.loop.overlay_every = 1  # 320x240 by default
         plain, over = make_daemon(plain_cfg, clf, frames), make_daemon(over_cfg, clf, frames)
+        # For scale: the same loop on 640x480 frames, the size edgecam asks of a USB camera by default.
+        vga_cfg = Config()
+        vga_cfg.device_id, vga_cfg.mqtt.port, vga_cfg.mqtt.host = "bench-vga", broker.port, "127.0.0.1"
+        vga = make_daemon(vga_cfg, clf, [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in frames])
 
         x, _ = to_input(frames[0], clf.input)
         it, inp = clf.interpreter, clf._input_index
-        times: dict[str, list[float]] = {"bare invoke()": [], "loop, no overlay": [], "loop, overlay 320x240": []}
+        times: dict[str, list[float]] = {
+            "bare invoke()": [], "loop, no overlay": [], "loop, overlay 320x240": [], "(640x480 loop, no overlay)": []
+        }
 
         def bare() -> None:
             it.set_tensor(inp, x)
@@ -133,6 +139,7 @@ def main() -> int:
             "bare invoke()": bare,
             "loop, no overlay": lambda: step(plain),
             "loop, overlay 320x240": lambda: step(over),
+            "(640x480 loop, no overlay)": lambda: step(vga),
         }
         for fn in variants.values():  # warm-up
             for _ in range(10):
@@ -151,20 +158,20 @@ def main() -> int:
                         jpegs.append(len(over.last_overlay))
                 wall[name] += time.perf_counter() - block_start
                 count[name] += args.block
-        for d in (plain, over):
+        for d in (plain, over, vga):
             d.sink.close(10)
 
         base = statistics.median(times["bare invoke()"])
         print(f"model {args.model.name}, runtime {clf.runtime}, {args.threads} threads, 1280x720 frames, "
               f"{args.rounds} x {args.block} frames per variant, interleaved")
-        print(f"{'variant':24s} {'median ms':>10s} {'p90 ms':>8s} {'ratio':>6s} {'fps':>7s}")
+        print(f"{'variant':28s} {'median ms':>10s} {'p90 ms':>8s} {'ratio':>6s} {'fps':>7s}")
         for name, values in times.items():
             med = statistics.median(values)
             p90 = float(np.percentile(values, 90))
             fps = count[name] / wall[name]
-            print(f"{name:24s} {med:10.3f} {p90:8.3f} {med / base:6.2f} {fps:7.1f}")
+            print(f"{name:28s} {med:10.3f} {p90:8.3f} {med / base:6.2f} {fps:7.1f}")
         stages = plain.times.medians()
-        print("loop stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+        print("1280x720 loop stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
         ostages = over.times.medians()
         print("with overlays, stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in ostages.items()))
 

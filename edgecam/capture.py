@@ -103,8 +103,8 @@ class Capture:
     def _pull(self) -> Frame | None:
         try:
             frame = self.source.read()
-        except SourceEnded:
-            self.stats.state = "ended"
+        except SourceEnded as exc:
+            self._end(exc)
             raise
         except SourceError as exc:
             self._degrade(str(exc))
@@ -117,8 +117,8 @@ class Capture:
         while not self._stop.is_set():
             try:
                 frame = self.source.read()
-            except SourceEnded:
-                self.stats.state = "ended"
+            except SourceEnded as exc:
+                self._end(exc)
                 self._slot.end()
                 return
             except (SourceError, EdgecamError) as exc:
@@ -146,6 +146,11 @@ class Capture:
                 return
             except (SourceError, EdgecamError) as exc:
                 self.stats.reason = str(exc)
+
+    def _end(self, exc: SourceEnded) -> None:
+        self.stats.state = "ended"
+        text = str(exc)
+        self.stats.reason = text if text != self.source.description else ""
 
     def _ok(self) -> None:
         self.stats.captured += 1

@@ -101,5 +101,8 @@ def run_daemon(args: argparse.Namespace) -> int:
             why,
         )
         return 1
+    if daemon.processed == 0 and capture.stats.state == "ended":
+        log.error("source: %s: ended before any frame was used", capture.stats.reason or source.description)
+        return 1
     log.info("stopped after %d frames, %d results published", daemon.processed, daemon.seq)
     return 0

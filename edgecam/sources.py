@@ -91,6 +91,7 @@ class FolderSource:
         self.files: list[Path] = []
         self.pos = 0
         self.skipped: set[str] = set()
+        self.delivered = 0
         self.description = f"folder {self.path}"
 
     def open(self) -> None:
@@ -113,9 +114,13 @@ class FolderSource:
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is not None:
                 self.pacer.wait()
+                self.delivered += 1
                 return Frame(image, time.time(), time.monotonic(), name=path.name)
             self.skipped.add(path.name)
         if self.pos >= len(self.files) and not self.repeat:
+            if not self.delivered:
+                names = ", ".join(sorted(self.skipped)[:5]) + (", ..." if len(self.skipped) > 5 else "")
+                raise SourceEnded(f"{self.description}: no image could be decoded ({names})")
             raise SourceEnded(self.description)
         raise SourceError(f"{self.description}: none of the {len(self.files)} image files can be read")
 

@@ -258,3 +258,15 @@ def test_bad_config_file_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("run", "-c", conf, "--source", IMAGES)
     assert proc.returncode == 2
     one_error_line(proc, str(conf), "loop.max_fps", "expected a number")
+
+
+def test_folder_of_unreadable_images_fails_once(tmp_path: Path, daemons) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "b.png").write_bytes(b"")
+    d = daemons("--source", folder, "--once", "--no-mqtt")
+    assert d.wait() == 1
+    log = d.log()
+    assert "no image could be decoded (a.jpg, b.png)" in log and "ended before any frame was used" in log
+    assert "Traceback" not in log
