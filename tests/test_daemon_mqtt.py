@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from broker import Broker, Recorder, free_port, publish
-from conftest import IMAGES, one_error_line, run_cli
+from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, one_error_line, run_cli
 
 from edgecam.payload import decode_cam
 
@@ -225,7 +225,10 @@ def test_watch_prints_lines_heatmaps_and_survives_bad_payloads(broker: Broker, d
     assert watch.returncode == 0, err
     lines = [line for line in out.splitlines() if line.startswith("dev-w #")]
     assert [line.split()[1] for line in lines] == ["#1", "#2", "#3"]
-    assert "chickadee 0.86" in lines[0]  # bird.bmp, first by name
+    # bird.bmp, first by name: the shared README's label and score.
+    label, score = EXPECTED["tf2_mobilenet_v2_1.0_224_ptq"]["bird.bmp"]
+    first = lines[0].split("  ")[1].split(" | ")[0]
+    assert first.startswith(label + " ") and abs(float(first.rsplit(" ", 1)[1]) - score) <= SCORE_TOLERANCE
     assert out.count("  CAM of ") == 3
     shade_rows = [line for line in out.splitlines() if line.startswith("  ") and "CAM of" not in line]
     assert len(shade_rows) == 21 and all(len(r) == 16 for r in shade_rows)
