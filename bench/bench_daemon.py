@@ -38,6 +38,7 @@ from edgecam.daemon import Daemon  # noqa: E402
 from edgecam.model import Classifier  # noqa: E402
 from edgecam.mqtt import MqttSink  # noqa: E402
 from edgecam.preprocess import to_input  # noqa: E402
+from edgecam.run import make_spool  # noqa: E402
 from edgecam.sources import Frame  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -65,8 +66,10 @@ class MemorySource:
         pass
 
 
-def make_daemon(cfg: Config, clf: Classifier, frames: list[np.ndarray]) -> Daemon:
-    d = Daemon(cfg, clf, Capture(MemorySource(frames)), MqttSink(cfg.mqtt, cfg.device), "bench")
+def make_daemon(cfg: Config, clf: Classifier, frames: list[np.ndarray], state: Path) -> Daemon:
+    cfg.spool.dir = str(state)
+    sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg))
+    d = Daemon(cfg, clf, Capture(MemorySource(frames)), sink, "bench")
     d.sink.start()
     deadline = time.monotonic() + 10
     while not d.sink.connected and time.monotonic() < deadline:
@@ -110,11 +113,12 @@ def main() -> int:
             cfg.mqtt.host = "127.0.0.1"
             cfg.model.threads = args.threads
         over_cfg.loop.overlay_every = 1  # 320x240 by default
-        plain, over = make_daemon(plain_cfg, clf, frames), make_daemon(over_cfg, clf, frames)
+        plain, over = make_daemon(plain_cfg, clf, frames, tmp), make_daemon(over_cfg, clf, frames, tmp)
         # For scale: the same loop on 640x480 frames, the size edgecam asks of a USB camera by default.
         vga_cfg = Config()
         vga_cfg.device_id, vga_cfg.mqtt.port, vga_cfg.mqtt.host = "bench-vga", broker.port, "127.0.0.1"
-        vga = make_daemon(vga_cfg, clf, [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in frames])
+        small = [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in frames]
+        vga = make_daemon(vga_cfg, clf, small, tmp)
 
         x, _ = to_input(frames[0], clf.input)
         it, inp = clf.interpreter, clf._input_index
@@ -182,7 +186,12 @@ def main() -> int:
         folder.mkdir()
         for name, f in zip(PHOTOS, frames, strict=True):
             cv2.imwrite(str(folder / (Path(name).stem + ".jpg")), f, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        env = {**os.environ, "EDGECAM_MODEL_NAME": str(args.model), "EDGECAM_MODEL_LABELS": str(args.labels)}
+        env = {
+            **os.environ,
+            "EDGECAM_SPOOL_DIR": str(tmp / "state"),
+            "EDGECAM_MODEL_NAME": str(args.model),
+            "EDGECAM_MODEL_LABELS": str(args.labels),
+        }
         rss, secs = peak_rss(folder, args.rss_frames, broker, env)
         print(f"edgecam run, {args.rss_frames} frames (720p JPEG folder, overlay every 10th): "
               f"peak RSS {rss:.0f} MB, {secs:.1f} s wall")

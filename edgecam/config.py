@@ -76,7 +76,7 @@ class MqttConfig:
     protocol: str = _f("3.1.1", "MQTT protocol version", choices=("3.1.1", "5"))
     reconnect_min: float = _f(1.0, "first reconnect delay, seconds (doubles up to reconnect_max)", lo=0.1, hi=600)
     reconnect_max: float = _f(60.0, "longest reconnect delay, seconds", lo=1, hi=3600)
-    max_queued: int = _f(1000, "results held in memory while the broker is away", lo=1, hi=1_000_000)
+    max_queued: int = _f(1000, "messages held in memory when the spool file cannot be written", lo=1, hi=1_000_000)
     shutdown_timeout: float = _f(10.0, "seconds to wait for the broker's acknowledgements at exit", lo=0, hi=600)
     username: str = _f("", "broker user name")
     password: str = _f("", "broker password (better: password_file or EDGECAM_MQTT_PASSWORD)", secret=True)
@@ -88,19 +88,42 @@ class MqttConfig:
 
 
 @dataclass
+class SpoolConfig:
+    enabled: bool = _f(True, "keep undelivered results on disk (false: in memory only, up to mqtt.max_queued)")
+    dir: str = _f("", "directory of the spool file (empty: $STATE_DIRECTORY, else /var/lib/edgecam if writable, "
+                  "else ~/.local/state/edgecam)")
+    max_mb: float = _f(64.0, "results kept at most, in MB", lo=0.01, hi=100_000)
+    max_age_hours: float = _f(168.0, "results older than this are dropped, in hours", lo=0.001, hi=87_600)
+    policy: str = _f("drop_oldest", "when full: drop the oldest results or refuse new ones",
+                     choices=("drop_oldest", "drop_newest"))
+    overlays: bool = _f(False, "keep undelivered overlays too (else they are sent only while connected)")
+    overlay_mb: float = _f(8.0, "overlays kept at most, in MB", lo=0.01, hi=100_000)
+
+
+@dataclass
+class CommandsConfig:
+    enabled: str = _f("auto", "commands on <prefix>/<device>/cmd: auto = only when the broker connection is "
+                      "authenticated (mqtt.username set)", choices=("auto", "on", "off"))
+    rate: float = _f(2.0, "commands a second allowed on average (bursts of 10); the rest are dropped",
+                     lo=0.1, hi=1000)
+
+
+@dataclass
 class Config:
     device_id: str = _f("", "device id in topics and the client id (empty: the host name)")
     source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
     @property
     def device(self) -> str:
         return self.device_id or default_device_id()
 
 
-SECTIONS = ("source", "model", "loop", "mqtt")
+SECTIONS = ("source", "model", "loop", "mqtt", "spool", "commands")
 
 
 def default_device_id() -> str:
@@ -113,7 +136,7 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj) if f.name not in SECTIONS}
 
 
-def _coerce(value: Any, f: dataclasses.Field, where: str, text: bool = False) -> Any:
+def coerce(value: Any, f: dataclasses.Field, where: str, text: bool = False) -> Any:
     """The value as the field's type (parsed first when it comes as `text`), or one clear error naming `where`."""
     kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
     meta = f.metadata
@@ -162,7 +185,7 @@ def _apply(target: Any, values: Mapping[str, Any], path: str, section: str | Non
         if key not in known:
             where = f"{path}: [{section}]" if section else path
             raise EdgecamError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
-        setattr(target, key, _coerce(value, known[key], f"{path}: {section + '.' if section else ''}{key}"))
+        setattr(target, key, coerce(value, known[key], f"{path}: {section + '.' if section else ''}{key}"))
 
 
 def from_toml(text: str, where: str) -> Config:
@@ -197,14 +220,14 @@ def apply_env(cfg: Config, environ: Mapping[str, str]) -> None:
         for key, f in _fields(target).items():
             name = env_name(section, key)
             if name in environ:
-                setattr(target, key, _coerce(environ[name], f, name, text=True))
+                setattr(target, key, coerce(environ[name], f, name, text=True))
 
 
 def set_value(cfg: Config, dotted: str, value: Any, where: str) -> None:
     """One override from a flag: `mqtt.host`, `loop.max_fps`, `device_id`."""
     section, _, key = dotted.rpartition(".")
     target = getattr(cfg, section) if section else cfg
-    setattr(target, key, _coerce(value, _fields(target)[key], where, text=True))
+    setattr(target, key, coerce(value, _fields(target)[key], where, text=True))
 
 
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> tuple[Config, str]:

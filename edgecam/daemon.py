@@ -7,6 +7,8 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +16,9 @@ import cv2
 import numpy as np
 
 from .capture import Capture
+from .commands import Command, CommandError, RateLimit, parse, reply
 from .config import Config
+from .errors import EdgecamError
 from .explain import Explanation, explain_frame
 from .model import Classifier
 from .mqtt import Sink
@@ -26,6 +30,8 @@ from .sources import Frame, SourceEnded
 from .stats import StageTimes, cpu_temperature, stats_payload
 
 log = logging.getLogger("edgecam")
+
+SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays")
 
 
 @dataclass
@@ -95,23 +101,95 @@ class Daemon:
         self.requests = Requests()
         self.snapshot = threading.Event()
         self.stop = threading.Event()
+        self.reload = threading.Event()
         self.started = time.monotonic()
         self.last_result: bytes | None = None
         self.last_overlay: bytes | None = None
+        self.status = "online"
+        # Commands arrive on the network thread, checked; the loop applies them between frames.
+        self.inbox: deque[Command] = deque(maxlen=64)
+        self.limiter = RateLimit(cfg.commands.rate)
+        self.commands = {"accepted": 0, "rejected": 0, "dropped": 0}
+        self._dropped_logged = 0.0
+        self.reply: Callable[[bytes], None] = lambda _payload: None
+        self.reload_check: Callable[[], None] | None = None
 
+    # -- signals ---------------------------------------------------------------------------
     def install_signals(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
+        def stop(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)
             self.stop.set()
             self.capture.interrupt()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        def hup(_signum: int, _frame: Any) -> None:
+            # Check the new configuration before letting go of the running one.
+            if self.reload_check is not None:
+                try:
+                    self.reload_check()
+                except EdgecamError as exc:
+                    log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+                    return
+            log.info("SIGHUP: reloading the configuration (restarting in place)")
+            self.reload.set()
+            self.stop.set()
+            self.capture.interrupt()
 
-    def run(self, max_frames: int = 0) -> int:
-        """The loop; returns how many results the broker never acknowledged."""
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    # -- commands (network thread) -----------------------------------------------------------
+    def on_command(self, payload: bytes) -> None:
+        if not self.limiter.allow():
+            self.commands["dropped"] += 1
+            now = time.monotonic()
+            if now - self._dropped_logged > 10:
+                self._dropped_logged = now
+                log.warning("commands: too many; dropped %d so far (limit %g/s)", self.commands["dropped"],
+                            self.cfg.commands.rate)
+            return
+        try:
+            cmd = parse(payload, self.clf.labels)
+        except CommandError as exc:
+            self.commands["rejected"] += 1
+            log.warning("commands: rejected: %s", exc)
+            self.reply(reply(getattr(exc, "id", None), False, error=str(exc)))
+            return
+        self.commands["accepted"] += 1
+        if cmd.cmd == "ping":
+            self.reply(reply(cmd.id, True, cmd="ping", device=self.device, boot=self.boot, seq=self.seq,
+                             uptime_s=round(time.monotonic() - self.started, 1), status=self.status))
+            return
+        self.inbox.append(cmd)
+
+    def apply_commands(self) -> None:
+        while self.inbox:
+            cmd = self.inbox.popleft()
+            if cmd.cmd == "explain" and cmd.cls is not None:
+                self.requests.classes[cmd.cls] = cmd.frames
+                self.reply(reply(cmd.id, True, cmd="explain", **{"class": cmd.cls}, label=self.clf.labels[cmd.cls],
+                                 frames=cmd.frames))
+            elif cmd.cmd == "snapshot":
+                self.snapshot.set()
+                self.reply(reply(cmd.id, True, cmd="snapshot"))
+            elif cmd.cmd == "set":
+                self.set_knobs(cmd.changes)
+                self.reply(reply(cmd.id, True, cmd="set", **{k: getattr(self.cfg.loop, k) for k in cmd.changes}))
+
+    def set_knobs(self, changes: dict[str, Any]) -> None:
         lp = self.cfg.loop
-        period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
+        for key, value in changes.items():
+            setattr(lp, key, value)
+        if {"publish", "change_delta", "heartbeat"} & set(changes):
+            self.policy = PublishPolicy(lp.publish, lp.change_delta, lp.heartbeat)
+        if "overlay_every" in changes:
+            self.overlays = EveryN(lp.overlay_every)
+        log.info("commands: set %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, max_frames: int = 0) -> int:
+        """The loop; returns how many messages stay undelivered in the spool."""
+        lp = self.cfg.loop
         next_stats = time.monotonic() + min(lp.stats_interval, 2.0)
         next_frame = 0.0
         self.sink.start()
@@ -123,9 +201,11 @@ class Daemon:
         )
         try:
             while not self.stop.is_set():
+                self.apply_commands()
+                period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
                 now = time.monotonic()
                 if period and now < next_frame:
-                    self.stop.wait(next_frame - now)
+                    self.stop.wait(min(next_frame - now, 0.25))
                     continue
                 try:
                     frame = self.capture.take()
@@ -133,6 +213,7 @@ class Daemon:
                     if not self.stop.is_set():
                         log.info("source: %s ended", self.capture.source.description)
                     break
+                self.update_status()
                 if frame is not None:
                     next_frame = max(next_frame + period, time.monotonic()) if period else 0.0
                     self.step(frame)
@@ -143,10 +224,18 @@ class Daemon:
                     next_stats = time.monotonic() + lp.stats_interval
         finally:
             self.capture.stop()
+            self.sink.drain(self.cfg.mqtt.shutdown_timeout)
             self.publish_stats()
-            left = self.sink.close(self.cfg.mqtt.shutdown_timeout)
+            left = self.sink.close(2.0)
         return left
 
+    def update_status(self) -> None:
+        """online, or degraded while the source fails; a change is published at once, with stats."""
+        status = "degraded" if self.capture.stats.state == "degraded" else "online"
+        if status != self.status:
+            self.status = status
+            self.sink.set_status(status)
+            self.publish_stats()
     def step(self, frame: Frame) -> None:
         """One frame, start to finish."""
         lp = self.cfg.loop
@@ -198,6 +287,7 @@ class Daemon:
             "boot": self.boot,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "state": "ok" if cap.state in ("ok", "ended") else cap.state,
+            "status": self.status,
             "reason": cap.reason,
             "source": self.capture.source.description,
             "fps": round(self.times.fps(), 2),
@@ -205,11 +295,14 @@ class Daemon:
                 "captured": cap.captured,
                 "dropped": cap.dropped,
                 "processed": self.processed,
+                "results": self.seq,
                 "published": counts.get("published", 0),
                 "overlays": counts.get("overlays", 0),
-                "unsent_dropped": counts.get("dropped", 0),
-                "pending": counts.get("pending", 0),
+                "acked": counts.get("acked", 0),
             },
+            "spool": {k: v for k, v in counts.items() if k in SPOOL_KEYS},
+            "commands": dict(self.commands),
+            "mqtt": {"connected": self.sink.connected, "connects": counts.get("connects", 0)},
             "timing_ms": self.times.medians(),
             "model": self.clf.name,
             "runtime": self.runtime,

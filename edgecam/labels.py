@@ -48,8 +48,10 @@ def fit_labels(labels: list[str] | None, num_classes: int, source: str = "labels
 
 
 def class_id(query: str | int, labels: list[str]) -> int:
-    """A class by id or by name (exact, then case-insensitive, then unique prefix of a synonym)."""
-    if isinstance(query, int) or str(query).strip().isdigit():
+    """A class by id or by name (exact, then case-insensitive, then a unique comma-separated synonym)."""
+    text = str(query).strip()
+    # isdigit() alone admits '²' and '①', which int() refuses.
+    if isinstance(query, int) or (text.isascii() and text.isdigit()):
         i = int(query)
         if not 0 <= i < len(labels):
             raise EdgecamError(f"class id {i} is out of range (0..{len(labels) - 1})")

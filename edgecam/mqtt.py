@@ -1,29 +1,42 @@
-"""The broker connection (paho-mqtt 2.x): contract v1 topics, retained status with a Last Will.
+"""The broker connection (paho-mqtt 2.x): contract v1 topics, retained status with a Last Will,
+and store-and-forward through the spool.
 
 Topics, all under <prefix>/<device>/:
-  result   JSON per published frame, QoS 1 by default
-  overlay  raw JPEG bytes
-  status   "online" / "offline", retained; "offline" is also the Last Will
-  stats    JSON, retained
+  result     JSON per published frame, QoS 1 by default, through the spool
+  overlay    raw JPEG bytes (through the spool only when configured)
+  status     "online" / "degraded" / "offline", retained; "offline" is also the Last Will
+  stats      JSON, retained
+  cmd        commands in (JSON), when enabled; replies on cmd/reply
 The daemon starts whether or not a broker is reachable; paho's network thread keeps
 trying, with delays doubling from mqtt.reconnect_min to mqtt.reconnect_max.
+
+Results never wait in paho's memory: the frame loop appends them to the spool, and a
+sender thread publishes the oldest first, with at most WINDOW unacknowledged at a
+time, and deletes each when the broker acknowledges it. After a reconnect paho
+resends the unacknowledged ones (oldest first) and the sender carries on after them;
+after a restart it starts again from the oldest message in the spool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .config import MqttConfig
+from .spool import Spool
 
 log = logging.getLogger("edgecam")
+
+WINDOW = 16  # results in flight (published, not yet acknowledged)
 
 
 class Sink(Protocol):
@@ -33,6 +46,8 @@ class Sink(Protocol):
     def result(self, payload: bytes) -> None: ...
     def overlay(self, jpeg: bytes) -> None: ...
     def stats(self, payload: bytes) -> None: ...
+    def set_status(self, status: str) -> None: ...
+    def drain(self, timeout: float) -> None: ...
     def close(self, timeout: float) -> int: ...
     @property
     def connected(self) -> bool: ...
@@ -54,17 +69,29 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
 
 
 class MqttSink:
-    def __init__(self, cfg: MqttConfig, device: str, password: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        device: str,
+        spool: Spool,
+        password: str | None = None,
+        spool_overlays: bool = False,
+        on_command: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = device
+        self.spool = spool
+        self.spool_overlays = spool_overlays
+        self.on_command = on_command
         self.where = f"{cfg.host}:{cfg.port}"
-        self._topic = {n: topic(cfg.prefix, device, n) for n in ("result", "overlay", "status", "stats")}
+        names = ("result", "overlay", "status", "stats", "cmd", "cmd/reply")
+        self.topics = {n: topic(cfg.prefix, device, n) for n in names}
         proto = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=proto)
-        self.client.will_set(self._topic["status"], "offline", qos=1, retain=True)
+        self.client.will_set(self.topics["status"], "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(max(1, round(cfg.reconnect_min)), max(1, round(cfg.reconnect_max)))
-        # paho keeps QoS 1 messages for an absent broker in memory; bound it.
-        self.client.max_queued_messages_set(cfg.max_queued)
+        # Only status, stats and replies go through paho's own queue; bound it all the same.
+        self.client.max_queued_messages_set(WINDOW + 64)
         if cfg.username:
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls:
@@ -73,19 +100,26 @@ class MqttSink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
-        self._lock = threading.Lock()
-        # QoS 1 message ids not yet acknowledged; an ack may beat publish() returning its id.
-        self._pending: set[int] = set()
-        self._early_acks: set[int] = set()
+        self.client.on_message = self._on_message
+        self._cond = threading.Condition()
+        self._inflight: dict[int, int] = {}  # paho mid -> spool id
+        self._acked: list[int] = []  # mids acknowledged, for the sender to delete
+        self._early: set[int] = set()  # acks that beat publish() returning their mid
+        self._cursor = 0  # highest spool id handed to paho
+        self._fresh = True  # the spool may hold something after the cursor
+        self._gate: int | None = None  # mid of the status message published on connect
         self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
         self._closing = False
         self.connected_at_close = False
         self._delay = 0.0
+        self._status = "online"
         self._last_stats: bytes | None = None
         self._since: float | None = None
-        self._counts = {"published": 0, "overlays": 0, "dropped": 0, "connects": 0}
+        self._counts = {"published": 0, "acked": 0, "overlays": 0, "connects": 0}
 
-    # paho callbacks run on its network thread.
+    # -- paho callbacks (its network thread) ---------------------------------------------
     def _next_delay(self) -> float:
         lo, hi = max(1, round(self.cfg.reconnect_min)), max(1, round(self.cfg.reconnect_max))
         self._delay = lo if not self._delay else min(self._delay * 2, hi)
@@ -99,10 +133,15 @@ class MqttSink:
         gone = f" after {time.monotonic() - self._since:.0f} s away" if self._since is not None else ""
         log.info("mqtt: connected to %s as %s%s", self.where, self.device, gone)
         self._delay, self._since = 0.0, None
-        client.publish(self._topic["status"], "online", qos=1, retain=True)
+        # paho resends its unacknowledged messages right after this callback returns. The
+        # sender waits for the broker's ack of this status message, which can only be read
+        # after those resends went out, so new results never overtake older ones.
+        with self._cond:
+            self._gate = client.publish(self.topics["status"], self._status, qos=1, retain=True).mid
         if self._last_stats is not None:
-            client.publish(self._topic["stats"], self._last_stats, qos=1, retain=True)
-        self._connected.set()
+            client.publish(self.topics["stats"], self._last_stats, qos=1, retain=True)
+        if self.on_command is not None:
+            client.subscribe(self.topics["cmd"], qos=1)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self._connected.is_set()
@@ -111,21 +150,94 @@ class MqttSink:
             self._since = time.monotonic()
             log.warning("mqtt: lost the connection to %s (%s); reconnecting", self.where, reason)
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        with self._lock:
-            if mid in self._pending:
-                self._pending.discard(mid)
-            else:
-                self._early_acks.add(mid)
-
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         if self._since is None:
             self._since = time.monotonic()
-        reason = _last_error()
-        log.warning("mqtt: cannot reach %s%s; retrying in %g s", self.where, reason, self._next_delay())
+        log.warning("mqtt: cannot reach %s%s; retrying in %g s", self.where, _last_error(), self._next_delay())
 
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._cond:
+            if mid == self._gate:
+                self._gate = None
+                self._fresh = True
+                self._connected.set()
+            else:
+                self._acked.append(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self.on_command is not None and msg.topic == self.topics["cmd"]:
+            self.on_command(bytes(msg.payload))
+
+    # -- the sender thread ---------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                self._cond.wait_for(self._has_work, timeout=1.0)
+                acked, self._acked = self._acked, []
+            self._settle(acked)
+            if self._connected.is_set():
+                self._send_more()
+
+    def _has_work(self) -> bool:
+        if self._stop.is_set() or self._acked:
+            return True
+        return self._connected.is_set() and len(self._inflight) < WINDOW and self._fresh
+
+    def _settle(self, acked: list[int]) -> None:
+        done = []
+        with self._cond:
+            for mid in acked:
+                sid = self._inflight.pop(mid, None)
+                if sid is None:
+                    self._early.add(mid)
+                else:
+                    done.append(sid)
+        if done:
+            self.spool.delete(done)
+            self._counts["acked"] += len(done)
+
+    def _send_more(self) -> None:
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        batch = self.spool.after(self._cursor, room)
+        with self._cond:
+            self._fresh = len(batch) == room
+        for msg in batch:
+            if not self._connected.is_set():
+                return
+            info = self.client.publish(msg.topic, msg.payload, qos=msg.qos)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.warning("mqtt: publish of message %d failed: %s", msg.id, paho.error_string(info.rc))
+                return
+            self._cursor = msg.id
+            if msg.kind == "result":
+                self._counts["published"] += 1
+            if msg.qos == 0:
+                self.spool.delete([msg.id])
+                continue
+            with self._cond:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    done = True
+                else:
+                    self._inflight[info.mid] = msg.id
+                    done = False
+            if done:
+                self.spool.delete([msg.id])
+                self._counts["acked"] += 1
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._fresh = True
+            self._cond.notify_all()
+
+    # -- the daemon's side ---------------------------------------------------------------
     def start(self) -> None:
         log.info("mqtt: connecting to %s, topics under %s/%s/", self.where, self.cfg.prefix, self.device)
+        self._sender = threading.Thread(target=self._send_loop, name="edgecam-sender", daemon=True)
+        self._sender.start()
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self.client.loop_start()
 
@@ -135,57 +247,65 @@ class MqttSink:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {**self._counts, "pending": self.pending()}
-
-    def _publish(self, name: str, payload: bytes, qos: int, retain: bool = False) -> bool:
-        info = self.client.publish(self._topic[name], payload, qos=qos, retain=retain)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS):
-            self._counts["dropped"] += 1
-            return False
-        if qos > 0:
-            with self._lock:
-                if info.mid in self._early_acks:
-                    self._early_acks.discard(info.mid)
-                else:
-                    self._pending.add(info.mid)
-        return True
+        return {**self._counts, "inflight": len(self._inflight), **self.spool.counts()}
 
     def result(self, payload: bytes) -> None:
-        if self._publish("result", payload, self.cfg.qos):
-            self._counts["published"] += 1
+        self.spool.append("result", self.topics["result"], payload, self.cfg.qos)
+        self._wake()
 
     def overlay(self, jpeg: bytes) -> None:
-        # Overlays are pictures of now: not worth queueing for a broker that is away.
-        if self.connected and self._publish("overlay", jpeg, 0):
+        if self.spool_overlays:
+            self.spool.append("overlay", self.topics["overlay"], jpeg, 1)
+            self._wake()
             self._counts["overlays"] += 1
+        elif self.connected:
+            # A picture of now is not worth keeping for a broker that is away.
+            info = self.client.publish(self.topics["overlay"], jpeg, qos=0)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._counts["overlays"] += 1
 
     def stats(self, payload: bytes) -> None:
         self._last_stats = payload
         if self.connected:
-            self._publish("stats", payload, 0, retain=True)
+            self.client.publish(self.topics["stats"], payload, qos=0, retain=True)
 
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
+    def set_status(self, status: str) -> None:
+        """online or degraded (the source is failing); retained, and sent again on every reconnect."""
+        if status != self._status:
+            self._status = status
+            if self.connected:
+                self.client.publish(self.topics["status"], status, qos=1, retain=True)
+
+    def reply(self, payload: bytes) -> None:
+        if self.connected:
+            self.client.publish(self.topics["cmd/reply"], payload, qos=1)
+
+    def drain(self, timeout: float) -> None:
+        """Deliver what the spool holds while the broker is there, up to `timeout` s."""
+        deadline = time.monotonic() + timeout
+        self._wake()
+        while self.connected and time.monotonic() < deadline and (self._inflight or self.spool.counts()["waiting"]):
+            time.sleep(0.02)
 
     def close(self, timeout: float) -> int:
-        """Publish 'offline', wait up to `timeout` s for acknowledgements, disconnect.
-
-        Returns how many QoS 1 messages the broker never acknowledged.
-        """
+        """Publish the last stats and 'offline', disconnect. Returns how many messages stay in the spool."""
         deadline = time.monotonic() + timeout
+        self.connected_at_close = self.connected
         if self.connected:
             if self._last_stats is not None:
-                self._publish("stats", self._last_stats, 1, retain=True)
-            self._publish("status", b"offline", 1, retain=True)
-        # Waiting only makes sense on a live connection; paho does not resend before a reconnect.
-        while self.pending() and self.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        left = self.pending()
-        self.connected_at_close = self.connected
+                self.client.publish(self.topics["stats"], self._last_stats, qos=1, retain=True)
+            info = self.client.publish(self.topics["status"], "offline", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(max(0.5, deadline - time.monotonic()))
+        self._stop.set()
+        self._wake()
+        if self._sender is not None:
+            self._sender.join(5)
         self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
+        left = self.spool.counts()["waiting"]
+        self.spool.close()
         return left
 
 
@@ -193,7 +313,7 @@ class StdoutSink:
     """mqtt.enabled = false: results as JSON lines on stdout, for offline use and pipes."""
 
     def __init__(self) -> None:
-        self._counts = {"published": 0, "overlays": 0, "dropped": 0}
+        self._counts = {"published": 0, "overlays": 0}
 
     def start(self) -> None:
         log.info("mqtt: off; results go to stdout as JSON lines")
@@ -215,6 +335,12 @@ class StdoutSink:
         self._counts["overlays"] += 1
 
     def stats(self, payload: bytes) -> None:
+        pass
+
+    def set_status(self, status: str) -> None:
+        pass
+
+    def drain(self, timeout: float) -> None:
         pass
 
     def close(self, timeout: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from . import config
 from .capture import Capture
 from .config import Config
 from .errors import EdgecamError
+from .sources import Source, SourceError, make_source, open_auto
+from .spool import Quota, Spool
 
 log = logging.getLogger("edgecam")
 
@@ -65,12 +68,64 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("edgecam").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def state_dir(cfg: Config) -> Path:
+    """Where the spool lives: the config's, systemd's StateDirectory, /var/lib/edgecam, or the user's."""
+    if cfg.spool.dir:
+        return Path(cfg.spool.dir)
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    system = Path("/var/lib/edgecam")
+    if system.is_dir() and os.access(system, os.W_OK):
+        return system
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgecam"
+
+
+def make_spool(cfg: Config) -> Spool:
+    mb = 1024 * 1024
+    quotas = {
+        "result": Quota(int(cfg.spool.max_mb * mb), cfg.spool.max_age_hours * 3600, cfg.spool.policy),
+        "overlay": Quota(int(cfg.spool.overlay_mb * mb), cfg.spool.max_age_hours * 3600, cfg.spool.policy),
+    }
+    # One file per device id, so two daemons on one machine never share an outbox.
+    path = state_dir(cfg) / f"spool-{cfg.device}.db" if cfg.spool.enabled else None
+    return Spool(path, quotas, cfg.mqtt.max_queued)
+
+
+def commands_enabled(cfg: Config) -> bool:
+    mode = cfg.commands.enabled
+    return mode == "on" or (mode == "auto" and bool(cfg.mqtt.username))
+
+
+def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
+    """The source, opened. A camera or stream that cannot be opened now is not fatal:
+    the capture thread keeps trying, and the daemon reports itself degraded meanwhile."""
+    src = cfg.source
+    display = (src.width, src.height) if cfg.loop.overlay_every else None
+
+    def make() -> Source:
+        return make_source(src.kind, src.uri, model_size, display, (src.width, src.height), src.repeat, src.fps)
+
+    if src.kind == "auto":
+        return Capture(open_auto(model_size, display, (src.width, src.height)), src.read_timeout)
+    source = make()
+    capture = Capture(source, src.read_timeout, renew=make if source.live else None)
+    try:
+        source.open()
+    except SourceError as exc:
+        if not source.live:
+            raise EdgecamError(f"source: {exc}") from None
+        log.error("source: %s; the daemon runs and keeps trying", exc)
+        capture.needs_open = True
+        capture.stats.state, capture.stats.reason = "degraded", str(exc)
+    return capture
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .model import Classifier
     from .models import resolve
     from .mqtt import MqttSink, StdoutSink
-    from .sources import open_source
 
     if args.max_frames < 0:
         raise EdgecamError(f"--max-frames {args.max_frames}: must be 0 (no limit) or more")
@@ -78,31 +133,46 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
     clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name)
-    src = cfg.source
-    model_size = (clf.input.width, clf.input.height)
-    display = (src.width, src.height) if cfg.loop.overlay_every else None
-    source = open_source(src.kind, src.uri, model_size, display, (src.width, src.height), src.repeat, src.fps)
-    capture = Capture(source, src.read_timeout)
+    capture = open_capture(cfg, (clf.input.width, clf.input.height))
     # Logged once set-up has worked, so a set-up error stays the only line.
     log.info("config: %s", origin)
+    sink: MqttSink | StdoutSink
+    daemon: Daemon
     if cfg.mqtt.enabled:
-        sink: MqttSink | StdoutSink = MqttSink(cfg.mqtt, cfg.device, config.password(cfg.mqtt))
+        spool = make_spool(cfg)
+        on_command = (lambda payload: daemon.on_command(payload)) if commands_enabled(cfg) else None
+        sink = MqttSink(cfg.mqtt, cfg.device, spool, config.password(cfg.mqtt), cfg.spool.overlays, on_command)
     else:
         sink = StdoutSink()
     daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime))
+    if isinstance(sink, MqttSink):
+        daemon.reply = sink.reply
+        if commands_enabled(cfg):
+            log.info("commands: on, %s", sink.topics["cmd"])
+    daemon.reload_check = lambda: effective_config(args)
     daemon.install_signals()
     left = daemon.run(args.max_frames)
     if left:
-        connected = getattr(sink, "connected_at_close", True)
-        why = f"waited {cfg.mqtt.shutdown_timeout:g} s" if connected else "not connected at exit"
-        log.error(
-            "mqtt: %d messages were not acknowledged by %s:%d (%s); they are lost",
-            left, cfg.mqtt.host, cfg.mqtt.port,
-            why,
-        )
-        return 1
+        if isinstance(sink, MqttSink) and sink.spool.state == "file":
+            log.info("mqtt: %d messages wait in %s for the broker; they go out after the next start",
+                     left, sink.spool.path)
+        else:
+            connected = getattr(sink, "connected_at_close", True)
+            why = f"waited {cfg.mqtt.shutdown_timeout:g} s" if connected else "not connected at exit"
+            log.error("mqtt: %d messages were not acknowledged by %s:%d (%s), and no spool file holds them; "
+                      "they are lost", left, cfg.mqtt.host, cfg.mqtt.port, why)
+            return 1
+    if daemon.reload.is_set():
+        restart_in_place()
     if daemon.processed == 0 and capture.stats.state == "ended":
-        log.error("source: %s: ended before any frame was used", capture.stats.reason or source.description)
+        log.error("source: %s: ended before any frame was used", capture.stats.reason or capture.source.description)
         return 1
-    log.info("stopped after %d frames, %d results published", daemon.processed, daemon.seq)
+    log.info("stopped after %d frames, %d results made", daemon.processed, daemon.seq)
     return 0
+
+
+def restart_in_place() -> None:
+    """SIGHUP: the same process (same PID, so systemd keeps tracking it) starts over with the new config."""
+    logging.shutdown()
+    argv = [sys.executable, "-m", "edgecam", *sys.argv[1:]]
+    os.execv(sys.executable, argv)

@@ -352,7 +352,7 @@ def _import_picamera2() -> Callable[[], Any]:
     try:
         from picamera2 import Picamera2  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise SourceError(f"picamera2: not importable ({exc}; on a Pi: sudo apt install python3-picamera2)") from None
+        raise EdgecamError(f"picamera2: not importable ({exc}; on a Pi: sudo apt install python3-picamera2)") from None
     return Picamera2  # type: ignore[no-any-return]
 
 
@@ -380,6 +380,25 @@ def v4l2_devices(pattern: str = "/dev/video*") -> list[str]:
     return found
 
 
+def make_source(
+    kind: str,
+    uri: str,
+    model_size: tuple[int, int],
+    display_size: tuple[int, int] | None,
+    capture_size: tuple[int, int],
+    repeat: bool = True,
+    fps: float = 0.0,
+) -> Source:
+    """The configured source, not yet opened ('auto' is open_auto's)."""
+    if kind == "folder":
+        return FolderSource(uri, repeat, fps)
+    if kind == "opencv":
+        return OpenCVSource(uri, capture_size[0], capture_size[1], repeat, fps)
+    if kind == "picamera2":
+        return Picamera2Source(model_size, display_size)
+    raise EdgecamError(f"source.kind: unknown source {kind!r}")
+
+
 def open_source(
     kind: str,
     uri: str,
@@ -390,16 +409,9 @@ def open_source(
     fps: float = 0.0,
 ) -> Source:
     """The configured source, opened. 'auto' tries picamera2, then the first V4L2 camera."""
-    if kind == "folder":
-        src: Source = FolderSource(uri, repeat, fps)
-    elif kind == "opencv":
-        src = OpenCVSource(uri, capture_size[0], capture_size[1], repeat, fps)
-    elif kind == "picamera2":
-        src = Picamera2Source(model_size, display_size)
-    elif kind == "auto":
-        return _auto(model_size, display_size, capture_size)
-    else:
-        raise EdgecamError(f"source.kind: unknown source {kind!r}")
+    if kind == "auto":
+        return open_auto(model_size, display_size, capture_size)
+    src = make_source(kind, uri, model_size, display_size, capture_size, repeat, fps)
     try:
         src.open()
     except SourceError as exc:
@@ -407,13 +419,15 @@ def open_source(
     return src
 
 
-def _auto(model_size: tuple[int, int], display_size: tuple[int, int] | None, capture_size: tuple[int, int]) -> Source:
+def open_auto(
+    model_size: tuple[int, int], display_size: tuple[int, int] | None, capture_size: tuple[int, int]
+) -> Source:
     tried = []
     pic = Picamera2Source(model_size, display_size)
     try:
         pic.open()
         return pic
-    except SourceError as exc:
+    except (SourceError, EdgecamError) as exc:
         tried.append(str(exc))
     devices = v4l2_devices()
     for dev in devices:

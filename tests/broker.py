@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,9 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", persist: bool = False) -> None:
+        """persist: sessions and queued messages survive a restart of this broker (saved at stop)."""
+        self.persist = persist
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -47,8 +50,11 @@ class Broker:
     def start(self) -> Broker:
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest stderr\nlog_type error\nlog_type warning\n{self.extra}\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + (f"persistence true\npersistence_location {self.dir}/\n" if self.persist else "persistence false\n")
+            # As root, mosquitto drops to its own user, which cannot write the test's directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"log_dest stderr\nlog_type error\nlog_type warning\n{self.extra}\n"
         )
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
@@ -77,11 +83,13 @@ class Broker:
 class Recorder:
     """A subscriber that keeps every message, for assertions."""
 
-    def __init__(self, port: int, topics: str | list[str]) -> None:
+    def __init__(self, port: int, topics: str | list[str], client_id: str = "", persistent: bool = False) -> None:
+        """persistent: a session the broker keeps (with its persistence on) while this client is away."""
         self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
+        self.client.reconnect_delay_set(1, 1)
         subs = [topics] if isinstance(topics, str) else topics
         self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in subs])
         self.client.on_subscribe = lambda *_: self._subscribed.set()

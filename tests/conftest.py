@@ -146,6 +146,8 @@ def daemons(tmp_path: Path):  # type: ignore[no-untyped-def]
     started: list[Daemon] = []
 
     def start(*args: str | Path, env: dict[str, str] | None = None) -> Daemon:
+        # Each test keeps its spool files to itself, unless it names a directory.
+        env = {"EDGECAM_SPOOL_DIR": str(tmp_path / "state"), **(env or {})}
         d = Daemon(tmp_path / f"daemon{len(started)}.log", *args, env=env)
         started.append(d)
         return d
