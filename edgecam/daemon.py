@@ -155,6 +155,11 @@ class Daemon:
             log.warning("commands: rejected: %s", exc)
             self.reply(reply(getattr(exc, "id", None), False, error=str(exc)))
             return
+        except Exception as exc:  # a command must never take the network thread down with it
+            self.commands["rejected"] += 1
+            log.error("commands: could not handle a command: %r", exc)
+            self.reply(reply(None, False, error="internal error handling this command"))
+            return
         self.commands["accepted"] += 1
         if cmd.cmd == "ping":
             self.reply(reply(cmd.id, True, cmd="ping", device=self.device, boot=self.boot, seq=self.seq,

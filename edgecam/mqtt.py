@@ -101,6 +101,8 @@ class MqttSink:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+        # An exception in a callback would end paho's network thread, and with it all publishing.
+        self.client.suppress_exceptions = True
         self._cond = threading.Condition()
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
         self._acked: list[int] = []  # mids acknowledged, for the sender to delete

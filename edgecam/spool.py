@@ -28,6 +28,7 @@ log = logging.getLogger("edgecam")
 # delivered messages needs room in the WAL, and the rest of the system needs some too.
 RESERVE_MIN = 1024 * 1024
 RESERVE_MAX = 16 * 1024 * 1024
+WAL_PAGES = 128
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -126,6 +127,12 @@ class Spool:
             # NORMAL in WAL mode: a committed message survives the process being killed;
             # a power cut may lose the last moments. FULL would fsync every frame.
             db.execute("PRAGMA synchronous=NORMAL")
+            # Small WAL, folded back often and cut back after: a checkpoint can grow the file by
+            # the WAL's size at once, which the reserve has to cover.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            # Zeroing freed pages (on in some builds) makes a delete write as much as it frees.
+            db.execute("PRAGMA secure_delete=OFF")
             db.executescript(SCHEMA)
             db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -162,7 +169,8 @@ class Spool:
             if self._db is not None and not self._mem and not self._room_for(len(payload)):
                 reason = f"disk nearly full, keeping {self.reserve // 1024} KiB free"
                 self._write_failed(sqlite3.OperationalError(reason))
-            if self._db is not None and not self._mem:
+                self._mem.append(msg)
+            elif self._db is not None and not self._mem:
                 try:
                     self._db.execute(
                         "INSERT INTO outbox (id, kind, topic, payload, qos, created) VALUES (?, ?, ?, ?, ?, ?)",
@@ -197,7 +205,9 @@ class Spool:
             pages, page_size = (self._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_size"))
         except (OSError, sqlite3.Error):
             return True  # no figure: let the write itself tell
-        return free + pages * page_size - 2 * size >= self.reserve
+        wal = Path(str(self.path) + "-wal")
+        pending = wal.stat().st_size if wal.exists() else 0  # what a checkpoint may add to the file
+        return free + pages * page_size - pending - 2 * size >= self.reserve
 
     def _write_failed(self, exc: sqlite3.Error) -> None:
         log.error("spool: cannot write to %s (%s); holding messages in memory until it can", self.path, exc)
@@ -334,7 +344,7 @@ class Spool:
                     log.error("spool: cannot delete delivered messages from %s (%s); trying again later",
                               self.path, exc)
                 self._tombstones.update(i for i, _, _ in sizes)
-                self._retry_at = min(self._retry_at, time.monotonic() + 5)
+                self._retry_at = max(self._retry_at, time.monotonic() + 5)
             for _, kind, size in sizes:
                 self._forget(kind, size)
         if self._mem:

@@ -127,3 +127,11 @@ def publish(port: int, topic: str, payload: bytes | str, retain: bool = False) -
     client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
+
+
+def paho_client(port: int) -> paho.Client:
+    """A connected client with its network loop running."""
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client

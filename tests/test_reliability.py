@@ -178,13 +178,14 @@ def test_full_disk_at_start_keeps_classifying_and_publishing(broker: Broker, tmp
                                            capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs as a full disk")
     try:
-        with (state / "filler").open("wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-            except OSError:
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
                 pass
+        except OSError:
+            pass  # the disk is full: that is the point
+        finally:
+            os.close(fd)
         rec = Recorder(broker.port, "edgecam/dev-f/result")
         d = daemons("--source", IMAGES, "--once", "--broker", broker.address, "--device-id", "dev-f",
                     env={"EDGECAM_SPOOL_DIR": str(state)})

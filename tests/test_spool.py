@@ -1,15 +1,17 @@
 """The durable outbox (edgecam.spool): order, persistence, quotas, and what happens when the file fails.
 
-Every test uses a real SQLite file under tmp_path; the disk-full tests mount a small tmpfs
+Every test uses a real SQLite file under tmp_path; the disk-full tests mount an 8 MiB tmpfs
 (root only) and skip otherwise. No test sleeps: ages come from explicit `created` times and
 the flush back-off runs on a fake monotonic clock.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -205,6 +207,7 @@ def test_messages_survive_the_process_being_killed(tmp_path: Path, spools: Calla
     path = tmp_path / "spool.db"
     code = f"""
 import os
+import sqlite3
 from pathlib import Path
 from edgecam.spool import Quota, Spool
 q = {{"result": Quota(10**12, 10**12), "overlay": Quota(10**12, 10**12)}}
@@ -439,17 +442,26 @@ def test_memory_only_quota_still_applies(tmp_path: Path, spools: Callable[..., S
 
 
 # --- a full disk ----------------------------------------------------------------------------------
+#
+# The spool keeps a reserve free on its filesystem (5% of it, at least RESERVE_MIN): a message is
+# written only if it leaves the reserve, else it is held in memory. An 8 MiB tmpfs has the 1 MiB
+# minimum; 64 KiB messages (an overlay JPEG's size) fill it in a few dozen.
+
+FS_SIZE = 8 * 1024 * 1024
+SIZE = 64 * 1024
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 192 KiB tmpfs, unmounted after the test."""
+    """An 8 MiB tmpfs, unmounted after the test."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
+        pytest.skip("mounting a tmpfs to fill needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mnt)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE // 1024}k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
@@ -475,121 +487,275 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return c
 
 
-def fill_until_memory(s: Spool, size: int = 2048, limit: int = 500) -> list[int]:
-    """Append `size`-byte messages until one has to be held in memory; their ids."""
-    ids: list[int] = []
-    for i in range(limit):
-        got = s.append("result", "t", payload(i, size), 1)  # must never raise
+class Feeder:
+    """Appends SIZE-byte messages to a spool, each with its own payload, and remembers them."""
+
+    def __init__(self, s: Spool) -> None:
+        self.s = s
+        self.sent: dict[int, bytes] = {}
+
+    def one(self) -> int:
+        data = payload(len(self.sent), SIZE)
+        got = self.s.append("result", "t", data, 1)  # must never raise
         assert got is not None
-        ids.append(got)
-        if s.state == "memory":
-            return ids
-    pytest.fail(f"the filesystem never filled up after {limit} messages")
+        self.sent[got] = data
+        return got
+
+    def fill_until_memory(self, limit: int = 200, strict: bool = True) -> list[int]:
+        """Append until the spool goes to memory; the ids, in order.
+
+        `strict`: the message that did not fit is the one held in memory, and only that one.
+        """
+        ids: list[int] = []
+        for _ in range(limit):
+            ids.append(self.one())
+            if self.s.state == "memory":
+                assert not strict or self.s.counts()["in_memory"] == 1, (
+                    f"state is {self.s.state!r} ({self.s.reason}) but {self.s.counts()['in_memory']} held in memory"
+                )
+                return ids
+        pytest.fail(f"the spool never went to memory after {limit} messages of {SIZE} bytes")
+
+    def check(self, s: Spool, ids: list[int]) -> None:
+        """`s` has exactly the messages `ids`, in that order, with their payloads."""
+        got = s.after(0, 10**6)
+        assert [m.id for m in got] == ids
+        assert [m.payload for m in got] == [self.sent[i] for i in ids]
+
+
+def free_bytes(mnt: Path) -> int:
+    st = os.statvfs(mnt)
+    return st.f_bavail * st.f_frsize
+
+
+def fill_the_disk(path: Path) -> None:
+    """Something else takes every last byte: write `path` until the filesystem refuses."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            while True:
+                try:
+                    if os.write(fd, chunk) == 0:
+                        break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+
+
+def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "edgecam" and r.levelno >= logging.ERROR]
+
+
+def rows_in_file(path: Path, ids: list[int] | None = None) -> int:
+    """COUNT(*) of the outbox (or of those ids), read by a connection of its own."""
+    db = sqlite3.connect(str(path))
+    try:
+        if ids is None:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        marks = ",".join("?" * len(ids))
+        return int(db.execute(f"SELECT COUNT(*) FROM outbox WHERE id IN ({marks})", ids).fetchone()[0])
+    finally:
+        db.close()
 
 
 def test_full_disk_holds_messages_in_memory_until_space_returns(
     small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Something else takes part of the disk; the spool fills the rest.
+    # Something else takes half the disk; the spool fills the rest, up to the reserve. (Half, so
+    # that the WAL stays below its 4 MiB auto-checkpoint for the whole test: the checkpoint's own
+    # need for room is the subject of test_the_spool_alone_leaves_the_reserve_free.)
     filler = small_fs / "filler"
-    filler.write_bytes(b"\0" * 64 * 1024)
+    filler.write_bytes(b"\0" * (FS_SIZE // 2))
     s = spools(small_fs / "spool.db")
     assert s.state == "file"
+    feed = Feeder(s)
 
     with caplog.at_level(logging.INFO, logger="edgecam"):
-        ids = fill_until_memory(s)
-    assert len(ids) >= 2  # some made it to the file first
-    assert "cannot write" in s.reason
-    assert any(r.levelno == logging.ERROR and "cannot write" in r.getMessage() for r in caplog.records)
-    assert s.counts()["in_memory"] == 1
+        ids = feed.fill_until_memory()
+    assert s.reserve == spool_mod.RESERVE_MIN  # 5% of 8 MiB is below the minimum
+    assert len(ids) >= 10  # a few dozen made it to the file first
+    assert s.reason == f"cannot write: disk nearly full, keeping {s.reserve // 1024} KiB free"
+    assert s.counts()["in_memory"] == 1  # the one that did not fit, and only that one
+    assert free_bytes(small_fs) >= s.reserve  # the reserve was kept
+    errors = errors_in(caplog)
+    assert len(errors) == 1, errors
+    assert str(small_fs / "spool.db") in errors[0]
+    assert "disk nearly full" in errors[0]
 
-    # Still within the back-off: more messages are accepted, into memory.
+    # Still within the back-off: more messages are accepted, into memory, quietly.
     clock.now += 1
-    for i in range(4):
-        got = s.append("result", "t", payload(1000 + i, 2048), 1)
-        assert got is not None
-        ids.append(got)
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        ids += [feed.one() for _ in range(4)]
     assert s.state == "memory"
     c = s.counts()
     assert c["in_memory"] == 5
     assert c["waiting"] == len(ids)
+    assert c["bytes"] == len(ids) * SIZE
     assert c["dropped_results"] == 0
+    assert len(errors_in(caplog)) == 1
 
-    # The sender sees every message: the file's, then memory's, in id order.
-    got_msgs = s.after(0, 10**6)
-    assert [m.id for m in got_msgs] == ids
-    assert all(len(m.payload) == 2048 for m in got_msgs)
+    # The sender sees every message: the file's, then memory's, in id order, none lost.
+    feed.check(s, ids)
     assert [m.id for m in s.after(ids[-3], 10**6)] == ids[-2:]
 
     # Space comes back. Within the back-off a new message still queues behind the held ones, in
     # memory: were it written to the file now, it would leave before older messages.
     filler.unlink()
     clock.now += 2
-    got = s.append("result", "t", payload(1500, 2048), 1)
-    assert got is not None
-    ids.append(got)
+    ids.append(feed.one())
     assert s.state == "memory"
     assert s.counts()["in_memory"] == 6
-    assert all_ids(s) == ids
+    feed.check(s, ids)
 
     # After the back-off the held messages go to the file, before the new one.
     clock.now += 10
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="edgecam"):
-        last = s.append("result", "t", payload(2000, 2048), 1)
-    assert last is not None
-    ids.append(last)
+        ids.append(feed.one())
     assert s.state == "file", s.reason
     assert s.reason == ""
     c = s.counts()
     assert c["in_memory"] == 0
     assert c["waiting"] == len(ids)
-    assert all_ids(s) == ids
-    assert any("writing to" in r.getMessage() and "again" in r.getMessage() for r in caplog.records)
+    feed.check(s, ids)
+    assert any("writing to" in m and "again" in m for m in (r.getMessage() for r in caplog.records)), caplog.text
+    assert errors_in(caplog) == []
 
     # They are really in the file: they outlive the spool.
     s.close()
+    assert rows_in_file(small_fs / "spool.db") == len(ids)
     s2 = spools(small_fs / "spool.db")
-    assert all_ids(s2) == ids
+    feed.check(s2, ids)
     s2.delete(ids)
     assert s2.counts()["waiting"] == 0
 
 
 def test_full_disk_without_space_stays_in_memory(
-    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock
+    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = spools(small_fs / "spool.db")
-    ids = fill_until_memory(s)
-    # Retries after the back-off fail again, quietly: nothing raises, nothing is lost or reordered.
-    for i in range(3):
-        clock.now += 10
-        got = s.append("result", "t", payload(3000 + i, 2048), 1)
-        assert got is not None
-        ids.append(got)
-        assert s.state == "memory"
-    assert all_ids(s) == ids
+    feed = Feeder(s)
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        ids = feed.fill_until_memory()
+        assert s.counts()["in_memory"] == 1
+        assert len(errors_in(caplog)) == 1
+        # Retries after the back-off find no room again, quietly: no new ERROR line each time,
+        # nothing raises, nothing is lost or reordered.
+        for _ in range(3):
+            clock.now += 10
+            ids.append(feed.one())
+            assert s.state == "memory"
+    assert errors_in(caplog)[1:] == []
+    assert not any("again" in r.getMessage() for r in caplog.records)
+    feed.check(s, ids)
     assert s.counts()["in_memory"] == 4
     assert s.counts()["waiting"] == len(ids)
 
 
+def test_the_spool_alone_leaves_the_reserve_free(small_fs: Path, spools: Callable[..., Spool]) -> None:
+    # Filled by the spool alone (its WAL included), the filesystem keeps the reserve free, so that
+    # acknowledgements can still be deleted and the rest of the system still has room.
+    s = spools(small_fs / "spool.db")
+    Feeder(s).fill_until_memory()
+    assert s.counts()["in_memory"] == 1
+    assert free_bytes(small_fs) >= s.reserve, (free_bytes(small_fs), s.reserve)
+
+
 def test_acks_on_a_full_disk_keep_counts_right(small_fs: Path, spools: Callable[..., Spool]) -> None:
     s = spools(small_fs / "spool.db")
-    ids = fill_until_memory(s)
+    ids = Feeder(s).fill_until_memory(strict=False)
     on_file = ids[:-1]
     s.delete(on_file[: len(on_file) // 2])  # the broker acknowledged the older half
     # Whatever the file managed, counts() and after() must tell the same story.
-    assert s.counts()["waiting"] == len(s.after(0, 10**6))
+    left = s.after(0, 10**6)
+    assert [m.id for m in left] == on_file[len(on_file) // 2 :] + ids[-1:]
+    c = s.counts()
+    assert c["waiting"] == len(left)
+    assert c["bytes"] == sum(len(m.payload) for m in left)
 
 
+@pytest.mark.parametrize("others", [0, FS_SIZE // 2], ids=["spool_alone", "shared_disk"])
 def test_acks_on_a_full_disk_make_room_for_held_messages(
-    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock
+    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, others: int
 ) -> None:
+    # The spool fills the disk alone, or shares it with something else (the system, its logs)
+    # that holds half of it.
+    if others:
+        (small_fs / "filler").write_bytes(b"\0" * others)
     s = spools(small_fs / "spool.db")
-    ids = fill_until_memory(s)
-    s.delete(ids[:-1])  # every message in the file was acknowledged
+    feed = Feeder(s)
+    ids = feed.fill_until_memory()
+    assert s.counts()["in_memory"] == 1
+    held = ids[-1]
+    # The broker acknowledges every message in the file, a window at a time as the sender does
+    # (edgecam.mqtt.WINDOW): deleting works inside the reserve, and the freed pages are room.
+    for i in range(0, len(ids) - 1, 16):
+        s.delete(ids[i : min(i + 16, len(ids) - 1)])
+    assert [m.id for m in s.after(0, 10**6)] == [held]
+    assert s.counts()["waiting"] == 1
     clock.now += 10
-    new = s.append("result", "t", payload(4000, 2048), 1)
-    assert all_ids(s) == [ids[-1], new]
+    new = feed.one()
     assert s.state == "file", s.reason
+    assert s.counts()["in_memory"] == 0
+    feed.check(s, [held, new])
+    s.close()
+    assert rows_in_file(small_fs / "spool.db") == 2
+
+
+def test_deletes_on_a_disk_filled_past_the_reserve_are_done_later(
+    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = small_fs / "spool.db"
+    s = spools(path)
+    feed = Feeder(s)
+    ids = [feed.one() for _ in range(10)]
+    assert s.state == "file"
+    assert s.counts()["in_memory"] == 0
+
+    # Something else fills the disk completely, reserve and all: even a DELETE needs room (the WAL).
+    filler = small_fs / "filler"
+    fill_the_disk(filler)
+    assert free_bytes(small_fs) < 64 * 1024
+    acked, kept = ids[:5], ids[5:]
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s.delete(acked)  # must not raise
+    # With secure_delete off a DELETE often fits in the WAL's existing frames even on a full disk;
+    # when it does not, the rows stay in the file as tombstones and the failure is logged.
+    if rows_in_file(path, acked):
+        assert rows_in_file(path, acked) == len(acked)
+        assert any("cannot delete" in m for m in errors_in(caplog)), caplog.text
+    # ... yet the acknowledged messages are gone for the sender and the counts.
+    feed.check(s, kept)
+    c = s.counts()
+    assert c["waiting"] == len(kept)
+    assert c["bytes"] == len(kept) * SIZE
+    assert c["dropped_results"] == 0
+    # Deleting them again, or others, is harmless.
+    s.delete(acked[:2])
+    feed.check(s, kept)
+    assert s.counts()["waiting"] == len(kept)
+
+    # A new message while the disk is full is held in memory, in order.
+    clock.now += 1
+    ids.append(feed.one())
+    assert s.state == "memory"
+    assert s.counts()["in_memory"] == 1
+    feed.check(s, [*kept, ids[-1]])
+
+    # Space comes back; after the back-off an append first really deletes the acknowledged rows,
+    # then writes the held message and the new one.
+    filler.unlink()
+    clock.now += 10
+    ids.append(feed.one())
+    assert s.state == "file", s.reason
+    assert s.counts()["in_memory"] == 0
+    assert rows_in_file(path, acked) == 0
+    assert rows_in_file(path) == len(kept) + 2
+    feed.check(s, [*kept, *ids[-2:]])
+    assert s.counts()["waiting"] == len(kept) + 2
 
 
 # --- threads --------------------------------------------------------------------------------------
@@ -643,3 +809,41 @@ def test_one_writer_one_reader(tmp_path: Path, spools: Callable[..., Spool]) -> 
     assert c["waiting"] == 0
     assert c["bytes"] == 0
     assert s.after(0, 10**6) == []
+
+
+class _FullDiskOnDelete:
+    """Wraps a connection so DELETE fails as SQLite fails it on a full disk; everything else passes."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = True
+
+    def execute(self, sql: str, *args: object) -> object:
+        if self.full and sql.lstrip().upper().startswith("DELETE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_failed_deletes_become_tombstones_then_happen(
+    tmp_path: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    s = spools(path)
+    ids = [s.append("result", "t", bytes([i]) * 100, 1) for i in range(6)]
+    wrapper = _FullDiskOnDelete(s._db)  # type: ignore[arg-type]
+    s._db = wrapper  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR, logger="edgecam"):
+        s.delete(ids[:3])
+        s.delete(ids[3:4])
+    assert sum("cannot delete" in r.getMessage() for r in caplog.records) == 1  # said once, not per ack
+    assert [m.id for m in s.after(0, 100)] == ids[4:]
+    assert s.counts()["waiting"] == 2 and s.counts()["bytes"] == 200
+    assert rows_in_file(path, ids[:4]) == 4
+    wrapper.full = False
+    clock.now += 10
+    new = s.append("result", "t", b"x" * 100, 1)
+    assert rows_in_file(path, ids[:4]) == 0
+    assert [m.id for m in s.after(0, 100)] == [*ids[4:], new]

@@ -1,0 +1,147 @@
+"""Commands on <prefix>/<device>/cmd through a real Mosquitto, and their replies on cmd/reply."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from broker import Broker, Recorder, publish
+from conftest import IMAGES, run_cli
+
+from edgecam.payload import decode_cam
+
+pytestmark = pytest.mark.usefixtures("model_cache")
+
+ON = {"EDGECAM_COMMANDS_ENABLED": "on"}
+
+
+@pytest.fixture
+def cat_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "cat.bmp").write_bytes((IMAGES / "cat.bmp").read_bytes())
+    return folder
+
+
+def replies(rec: Recorder) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in rec.on("reply")]
+
+
+def reply_to(rec: Recorder, rid: Any, timeout: float = 15) -> dict[str, Any]:
+    assert rec.wait_for(lambda m: any(r.get("id") == rid for r in _replies(m)), timeout), replies(rec)
+    return next(r for r in replies(rec) if r.get("id") == rid)
+
+
+def _replies(messages: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p, _ in messages if t.endswith("/cmd/reply")]
+
+
+def start(daemons, broker: Broker, folder: Path, device: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    rec = Recorder(broker.port, f"edgecam/{device}/#")
+    d = daemons("--source", folder, "--source-fps", "4", "--broker", broker.address, "--device-id", device,
+                env=env)
+    assert rec.wait_for(lambda m: any(t.endswith("/result") for t, _, _ in m), 60), d.log()
+    return d, rec
+
+
+def test_commands_do_what_they_say(broker: Broker, daemons, cat_folder: Path) -> None:
+    d, rec = start(daemons, broker, cat_folder, "dev-q", ON)
+    cmd = "edgecam/dev-q/cmd"
+
+    publish(broker.port, cmd, json.dumps({"cmd": "ping", "id": "p1"}))
+    pong = reply_to(rec, "p1")
+    assert pong["ok"] and pong["device"] == "dev-q" and pong["boot"] == rec.results()[0]["boot"]
+
+    # The CAM of the true class next to the predicted one: tabby on a picture called Egyptian cat.
+    publish(broker.port, cmd, json.dumps({"cmd": "explain", "class": "tabby", "frames": 2, "id": 7}))
+    ok = reply_to(rec, 7)
+    assert ok["ok"] and ok["class"] == 282 and ok["label"].startswith("tabby") and ok["frames"] == 2
+    assert rec.wait_for(lambda m: sum("cams" in json.loads(p) for t, p, _ in m if t.endswith("/result")) >= 2, 20)
+    with_extra = [r for r in rec.results() if "cams" in r]
+    assert len(with_extra) == 2  # exactly the next two results, then back to the top-1 only
+    ref = run_cli("explain", "--json", "--class", "tabby", cat_folder / "cat.bmp")
+    ref_map = np.array(json.loads(ref.stdout)["cams"][1]["map"], np.float32)
+    for r in with_extra:
+        assert r["cam"]["label"] == "Egyptian cat"
+        extra = r["cams"][0]
+        assert extra["id"] == 282
+        step = (extra["max"] - extra["min"]) / 255
+        assert np.max(np.abs(decode_cam(extra) - ref_map)) <= step / 2 + 2e-5
+
+    assert rec.on("overlay") == []
+    publish(broker.port, cmd, json.dumps({"cmd": "snapshot", "id": "s"}))
+    assert reply_to(rec, "s")["ok"]
+    assert rec.wait_for(lambda m: any(t.endswith("/overlay") for t, _, _ in m), 20)
+    assert rec.on("overlay")[0][:2] == b"\xff\xd8"
+
+    publish(broker.port, cmd, json.dumps({"cmd": "set", "publish": "change", "heartbeat": 600, "id": "c"}))
+    changed = reply_to(rec, "c")
+    assert changed["ok"] and changed["publish"] == "change" and changed["heartbeat"] == 600
+    time.sleep(1)  # the result after the change (a first decision always publishes)
+    quiet = len(rec.results())
+    time.sleep(3)
+    assert len(rec.results()) == quiet, "the same picture again and again is no change"
+
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    rec.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({"cmd": "reboot", "id": 1}).encode(), "unknown command"),
+        (json.dumps({"cmd": "explain", "class": "unicorn", "id": 1}).encode(), "not a label"),
+        (json.dumps({"cmd": "explain", "class": 281, "frames": 0, "id": 1}).encode(), "frames"),
+        (json.dumps({"cmd": "set", "max_fps": -3, "id": 1}).encode(), "out of range"),
+        (json.dumps({"cmd": "ping", "id": 1, "pad": "x" * 5000}).encode(), "over 4096"),
+    ],
+)
+def test_bad_commands_get_an_error_reply(broker: Broker, daemons, cat_folder: Path, payload: bytes,
+                                         error: str) -> None:
+    d, rec = start(daemons, broker, cat_folder, "dev-e", ON)
+    publish(broker.port, "edgecam/dev-e/cmd", payload)
+    assert rec.wait_for(lambda m: bool(_replies(m)), 15), d.log()
+    (bad,) = replies(rec)
+    assert bad["ok"] is False and error in bad["error"], bad
+    # The loop carries on.
+    count = len(rec.results())
+    assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t.endswith("/result")]) >= count + 2, 20)
+    assert d.proc.poll() is None and "Traceback" not in d.log()
+    rec.close()
+
+
+def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_folder: Path) -> None:
+    d, rec = start(daemons, broker, cat_folder, "dev-f", ON)
+    from broker import paho_client
+
+    client = paho_client(broker.port)
+    for i in range(300):
+        client.publish("edgecam/dev-f/cmd", json.dumps({"cmd": "ping", "id": i}), qos=0)
+    client.disconnect()
+    client.loop_stop()
+    time.sleep(3)
+    answered = len(replies(rec))
+    assert 10 <= answered <= 30, answered  # a burst of 10, then 2 a second
+    count = len(rec.results())
+    assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t.endswith("/result")]) >= count + 3, 20)
+    assert rec.wait_for(lambda m: any(json.loads(p)["commands"]["dropped"] >= 250
+                                      for t, p, _ in m if t.endswith("/stats")), 20)
+    assert d.log().count("commands: too many") <= 2
+    rec.close()
+
+
+def test_commands_are_off_without_authentication(broker: Broker, daemons, cat_folder: Path) -> None:
+    d, rec = start(daemons, broker, cat_folder, "dev-n")
+    publish(broker.port, "edgecam/dev-n/cmd", json.dumps({"cmd": "ping", "id": "x"}))
+    time.sleep(2)
+    assert replies(rec) == []
+    assert "commands: on" not in d.log()
+    rec.close()
