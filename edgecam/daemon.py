@@ -22,6 +22,7 @@ from .errors import EdgecamError
 from .explain import Explanation, explain_frame
 from .model import Classifier
 from .mqtt import Sink
+from .notify import Notifier
 from .payload import result_payload
 from .policy import EveryN, PublishPolicy
 from .preprocess import Box
@@ -113,6 +114,7 @@ class Daemon:
         self._dropped_logged = 0.0
         self.reply: Callable[[bytes], None] = lambda _payload: None
         self.reload_check: Callable[[], None] | None = None
+        self.notifier = Notifier()
 
     # -- signals ---------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -204,8 +206,11 @@ class Daemon:
             self.capture.source.description, self.runtime, self.clf.name,
             f"{self.clf.input.width}x{self.clf.input.height}", self.device,
         )
+        # Ready: the model is loaded, the source open (or being retried), the broker being dialled.
+        self.notifier.ready(self.status_line())
         try:
             while not self.stop.is_set():
+                self.notifier.watchdog()
                 self.apply_commands()
                 period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
                 now = time.monotonic()
@@ -228,6 +233,10 @@ class Daemon:
                     self.publish_stats()
                     next_stats = time.monotonic() + lp.stats_interval
         finally:
+            if self.reload.is_set():
+                self.notifier.reloading()
+            else:
+                self.notifier.stopping()
             self.capture.stop()
             self.sink.drain(self.cfg.mqtt.shutdown_timeout)
             self.publish_stats()
@@ -317,3 +326,14 @@ class Daemon:
 
     def publish_stats(self) -> None:
         self.sink.stats(stats_payload(**self.stats()))
+        self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """systemd's STATUS=, what `systemctl status edgecam` shows."""
+        cap = self.capture.stats
+        counts = self.sink.counts
+        mqtt = "connected" if self.sink.connected else "broker unreachable"
+        waiting = counts.get("waiting", 0)
+        spool = f", {waiting} waiting in the spool" if waiting else ""
+        state = f"degraded: {cap.reason}" if cap.state == "degraded" else "ok"
+        return f"{self.times.fps():.1f} fps, {state}, {mqtt}{spool}"

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import shutil
+import sys
 import tempfile
+import time
 import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from .errors import EdgecamError
 
@@ -126,25 +131,17 @@ def _download(source: str, dest: Path, sha256: str, timeout: float = 60.0) -> No
     except OSError as exc:
         raise EdgecamError(f"{dest.parent}: cannot write to the model cache ({exc.strerror or exc})") from None
     tmp = Path(tmp_name)
-    h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "w+b") as out:
             if "://" in source:
-                try:
-                    with urllib.request.urlopen(source, timeout=timeout) as resp:
-                        _copy(resp, out, h)
-                except urllib.error.HTTPError as exc:
-                    raise EdgecamError(f"{source}: HTTP {exc.code} {exc.reason}") from None
-                except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                    reason = getattr(exc, "reason", exc)
-                    raise EdgecamError(f"{source}: cannot download ({reason})") from None
+                _fetch_url(source, out, timeout, Progress(dest.name))
             else:
                 try:
                     with open(source, "rb") as src:
-                        _copy(src, out, h)
+                        shutil.copyfileobj(src, out, 1 << 16)
                 except OSError as exc:
                     raise EdgecamError(f"{source}: cannot read ({exc.strerror or exc})") from None
-        got = h.hexdigest()
+        got = sha256_file(tmp)
         if got != sha256:
             raise EdgecamError(f"{source}: sha256 mismatch: expected {sha256}, got {got}; the file was not installed")
         os.chmod(tmp, 0o644)
@@ -153,10 +150,93 @@ def _download(source: str, dest: Path, sha256: str, timeout: float = 60.0) -> No
         tmp.unlink(missing_ok=True)
 
 
-def _copy(src, out, h) -> None:  # type: ignore[no-untyped-def]
-    for chunk in iter(lambda: src.read(1 << 16), b""):
-        h.update(chunk)
-        out.write(chunk)
+RETRIES = 3
+
+
+def _fetch_url(url: str, out: BinaryIO, timeout: float, progress: Progress) -> None:
+    """HTTP(S) download into `out`. A connection that breaks off is resumed where it stopped
+    (a Range request), or restarted when the server does not do ranges; up to RETRIES times."""
+    got, total, failures = 0, 0, 0
+    while True:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={got}-"} if got else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                if got and resp.status != 206:
+                    out.seek(0)
+                    out.truncate()
+                    got = 0
+                length = int(resp.headers.get("Content-Length") or 0)
+                total = got + length if length else 0
+                for chunk in iter(lambda: resp.read(1 << 16), b""):
+                    out.write(chunk)
+                    got += len(chunk)
+                    progress.update(got, total)
+            if total and got < total:
+                raise http.client.IncompleteRead(b"", total - got)
+            progress.done(got)
+            return
+        except urllib.error.HTTPError as exc:
+            progress.done(got, failed=True)
+            raise EdgecamError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
+            failures += 1
+            reason = _why(exc)
+            if failures > RETRIES or (got == 0 and isinstance(exc, urllib.error.URLError)):
+                progress.done(got, failed=True)
+                raise EdgecamError(f"{url}: cannot download ({reason})") from None
+            progress.note(f"interrupted at {_mb(got)} ({reason}); resuming, try {failures + 1} of {RETRIES + 1}")
+            time.sleep(min(2.0, 0.5 * failures))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the connection closed early"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+    return " ".join(str(reason).split()) or type(exc).__name__
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class Progress:
+    """Download progress on stderr: a bar redrawn in place on a terminal, else a line every 10%."""
+
+    def __init__(self, name: str, stream: TextIO | None = None) -> None:
+        self.name = name
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.shown = -1
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, got: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.started < 1.0:
+            return  # quick downloads say nothing
+        if total:
+            pct = 100 * got // total
+            if self.tty:
+                if now - self.last >= 0.2:
+                    self.last = now
+                    self._write(f"\r{self.name}: {pct:3d}% ({_mb(got)} of {_mb(total)})", end="")
+            elif pct // 10 > self.shown:
+                self.shown = pct // 10
+                self._write(f"{self.name}: {pct}% ({_mb(got)} of {_mb(total)})")
+        elif now - self.last >= (0.2 if self.tty else 5.0):
+            self.last = now
+            self._write(("\r" if self.tty else "") + f"{self.name}: {_mb(got)}", end="" if self.tty else "\n")
+
+    def note(self, text: str) -> None:
+        self._write(("\n" if self.tty and self.shown >= 0 else "") + f"{self.name}: {text}")
+
+    def done(self, got: int, failed: bool = False) -> None:
+        if self.tty and time.monotonic() - self.started >= 1.0:
+            self._write("")
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        self.stream.write(text + end)
+        self.stream.flush()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .config import MqttConfig
+from .errors import EdgecamError
 from .spool import Spool
 
 log = logging.getLogger("edgecam")
@@ -61,11 +62,30 @@ def topic(prefix: str, device: str, name: str) -> str:
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
     """TLS 1.2 or newer, host names checked, the system's CAs unless a CA file is given."""
-    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise EdgecamError(f"mqtt.ca_file: {cfg.ca_file}: not a usable CA certificate ({_reason(exc)})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert_file:
-        ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        try:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise EdgecamError(
+                f"mqtt.cert_file/key_file: {cfg.cert_file}, {cfg.key_file}: not a usable certificate and key "
+                f"({_reason(exc)})"
+            ) from None
     return ctx
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())
 
 
 class MqttSink:
@@ -120,6 +140,8 @@ class MqttSink:
         self._last_stats: bytes | None = None
         self._since: float | None = None
         self._counts = {"published": 0, "acked": 0, "overlays": 0, "connects": 0}
+        self._refused = 0
+        self._refused_connect = False
 
     # -- paho callbacks (its network thread) ---------------------------------------------
     def _next_delay(self) -> float:
@@ -129,6 +151,7 @@ class MqttSink:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            self._refused_connect = True
             log.error("mqtt: %s refused the connection: %s; retrying in %g s", self.where, reason, self._next_delay())
             return
         self._counts["connects"] += 1
@@ -148,16 +171,37 @@ class MqttSink:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if not self._closing and was:
+        refused, self._refused_connect = self._refused_connect, False
+        if self._closing:
+            return
+        if was:
             self._since = time.monotonic()
             log.warning("mqtt: lost the connection to %s (%s); reconnecting", self.where, reason)
+        elif not refused:
+            # Closed before the broker accepted us: with TLS 1.3 a missing or rejected client
+            # certificate shows up only here, after the handshake seemed to succeed.
+            if self._since is None:
+                self._since = time.monotonic()
+            log.error("mqtt: %s closed the connection before accepting it (%s; a client certificate it wants?); "
+                      "retrying in %g s", self.where, reason, self._next_delay())
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         if self._since is None:
             self._since = time.monotonic()
-        log.warning("mqtt: cannot reach %s%s; retrying in %g s", self.where, _last_error(), self._next_delay())
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            log.error("mqtt: TLS with %s failed: %s; retrying in %g s", self.where, _reason(exc), self._next_delay())
+        else:
+            why = f" ({_reason(exc)})" if exc is not None else ""
+            log.warning("mqtt: cannot reach %s%s; retrying in %g s", self.where, why, self._next_delay())
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            # MQTT 5 says why (an ACL, a quota); 3.1.1 brokers drop such messages silently.
+            self._refused += 1
+            if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
+                log.error("mqtt: %s refused a message: %s (%d so far; check the broker's ACL for %s/%s/#)",
+                          self.where, reason, self._refused, self.cfg.prefix, self.device)
         with self._cond:
             if mid == self._gate:
                 self._gate = None
@@ -283,10 +327,11 @@ class MqttSink:
             self.client.publish(self.topics["cmd/reply"], payload, qos=1)
 
     def drain(self, timeout: float) -> None:
-        """Deliver what the spool holds while the broker is there, up to `timeout` s."""
+        """Deliver what the spool holds, up to `timeout` s."""
         deadline = time.monotonic() + timeout
         self._wake()
-        while self.connected and time.monotonic() < deadline and (self._inflight or self.spool.counts()["waiting"]):
+        # Also while (re)connecting: a broker that answers within the timeout still gets everything.
+        while time.monotonic() < deadline and (self._inflight or self.spool.counts()["waiting"]):
             time.sleep(0.02)
 
     def close(self, timeout: float) -> int:
@@ -347,11 +392,3 @@ class StdoutSink:
 
     def close(self, timeout: float) -> int:
         return 0
-
-
-def _last_error() -> str:
-    exc = sys.exc_info()[1]
-    if exc is None:
-        return ""
-    text = getattr(exc, "strerror", None) or " ".join(str(exc).split())
-    return f" ({text})" if text else ""

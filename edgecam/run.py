@@ -133,17 +133,17 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
     clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name)
-    capture = open_capture(cfg, (clf.input.width, clf.input.height))
-    # Logged once set-up has worked, so a set-up error stays the only line.
-    log.info("config: %s", origin)
     sink: MqttSink | StdoutSink
     daemon: Daemon
     if cfg.mqtt.enabled:
-        spool = make_spool(cfg)
         on_command = (lambda payload: daemon.on_command(payload)) if commands_enabled(cfg) else None
-        sink = MqttSink(cfg.mqtt, cfg.device, spool, config.password(cfg.mqtt), cfg.spool.overlays, on_command)
+        sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg), config.password(cfg.mqtt), cfg.spool.overlays,
+                        on_command)
     else:
         sink = StdoutSink()
+    capture = open_capture(cfg, (clf.input.width, clf.input.height))
+    # Logged once set-up has worked, so a set-up error stays the only line.
+    log.info("config: %s", origin)
     daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime))
     if isinstance(sink, MqttSink):
         daemon.reply = sink.reply

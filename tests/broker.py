@@ -33,9 +33,20 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", persist: bool = False) -> None:
-        """persist: sessions and queued messages survive a restart of this broker (saved at stop)."""
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_conf: str = "",
+        persist: bool = False,
+        listener_conf: str = "",
+        anonymous: bool = True,
+    ) -> None:
+        """persist: sessions and queued messages survive a restart of this broker (saved at stop).
+        listener_conf: lines for the listener (TLS files); anonymous: whether clients may skip a password."""
         self.persist = persist
+        self.listener_conf = listener_conf
+        self.anonymous = anonymous
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -50,7 +61,8 @@ class Broker:
     def start(self) -> Broker:
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"listener {self.port} 127.0.0.1\n{self.listener_conf}\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             + (f"persistence true\npersistence_location {self.dir}/\n" if self.persist else "persistence false\n")
             # As root, mosquitto drops to its own user, which cannot write the test's directory.
             + ("user root\n" if os.geteuid() == 0 else "")
@@ -64,6 +76,7 @@ class Broker:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-500:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                time.sleep(0.05)  # a TLS listener may need a moment after the port opens
                 return self
             except OSError:
                 time.sleep(0.05)
@@ -83,8 +96,19 @@ class Broker:
 class Recorder:
     """A subscriber that keeps every message, for assertions."""
 
-    def __init__(self, port: int, topics: str | list[str], client_id: str = "", persistent: bool = False) -> None:
-        """persistent: a session the broker keeps (with its persistence on) while this client is away."""
+    def __init__(
+        self,
+        port: int,
+        topics: str | list[str],
+        client_id: str = "",
+        persistent: bool = False,
+        ca: Path | None = None,
+        auth: tuple[str, str] | None = None,
+        host: str = "127.0.0.1",
+        cert: tuple[Path, Path] | None = None,
+    ) -> None:
+        """persistent: a session the broker keeps (with its persistence on) while this client is away.
+        ca, auth, cert: TLS with that CA, a user name and password, a client certificate and key."""
         self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -94,7 +118,12 @@ class Recorder:
         self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in subs])
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
+        if ca is not None:
+            certfile, keyfile = (str(cert[0]), str(cert[1])) if cert else (None, None)
+            self.client.tls_set(ca_certs=str(ca), certfile=certfile, keyfile=keyfile)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
+        self.client.connect(host, port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("subscription not acknowledged")
@@ -120,9 +149,21 @@ class Recorder:
         self.client.loop_stop()
 
 
-def publish(port: int, topic: str, payload: bytes | str, retain: bool = False) -> None:
+def publish(
+    port: int,
+    topic: str,
+    payload: bytes | str,
+    retain: bool = False,
+    ca: Path | None = None,
+    auth: tuple[str, str] | None = None,
+    host: str = "127.0.0.1",
+) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
+    if ca is not None:
+        client.tls_set(ca_certs=str(ca))
+    if auth is not None:
+        client.username_pw_set(*auth)
+    client.connect(host, port)
     client.loop_start()
     client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
     client.disconnect()

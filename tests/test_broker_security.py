@@ -1,0 +1,232 @@
+"""TLS, passwords and ACLs against a Mosquitto the test configures: certificates it makes with
+openssl (a CA, a server certificate for localhost, a client certificate), a mosquitto_passwd file,
+and an ACL that lets each device write only under its own prefix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from broker import Broker, Recorder, free_port, publish
+from conftest import IMAGES, one_error_line, run_cli
+
+pytestmark = pytest.mark.usefixtures("model_cache")
+
+PASSWORDS = {"dev1": "s3cret-dev1", "dev2": "s3cret-dev2", "watcher": "s3cret-watch"}
+ACL = """\
+user dev1
+topic readwrite edgecam/dev1/#
+user dev2
+topic readwrite edgecam/dev2/#
+user watcher
+topic read edgecam/#
+topic write edgecam/+/cmd
+"""
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt",
+             "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def _make_cert(d: Path, name: str, ca: str, cn: str, san: str | None) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={cn}", cwd=d)
+    ext = d / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "2", "-extfile", ext, cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("openssl") or not shutil.which("mosquitto_passwd"):
+        pytest.fail("openssl and mosquitto_passwd are needed (Debian packages openssl and mosquitto)")
+    d = tmp_path_factory.mktemp("pki")
+    _make_ca(d, "ca")
+    _make_ca(d, "other-ca")
+    _make_cert(d, "server", "ca", "localhost", "DNS:localhost")  # not valid for 127.0.0.1
+    _make_cert(d, "client", "ca", "dev1", None)
+    passwd = d / "passwd"
+    passwd.touch()
+    for user, password in PASSWORDS.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
+    (d / "acl").write_text(ACL)
+    (d / "not-a-cert.pem").write_text("hello\n")
+    return d
+
+
+def tls_broker(tmp_path: Path, pki: Path, require_cert: bool = False) -> Broker:
+    listener = (
+        f"cafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\nkeyfile {pki / 'server.key'}\n"
+        f"tls_version tlsv1.2\nrequire_certificate {'true' if require_cert else 'false'}\n"
+    )
+    extra = f"password_file {pki / 'passwd'}\nacl_file {pki / 'acl'}\n"
+    return Broker(tmp_path / "tls-broker", extra_conf=extra, listener_conf=listener, anonymous=False).start()
+
+
+def env_for(pki: Path, user: str = "dev1", password: str | None = None, **more: str) -> dict[str, str]:
+    return {
+        "EDGECAM_MQTT_TLS": "true",
+        "EDGECAM_MQTT_CA_FILE": str(pki / "ca.crt"),
+        "EDGECAM_MQTT_USERNAME": user,
+        "EDGECAM_MQTT_PASSWORD": PASSWORDS[user] if password is None else password,
+        "EDGECAM_MQTT_RECONNECT_MIN": "1",
+        "EDGECAM_MQTT_RECONNECT_MAX": "2",
+        "EDGECAM_MQTT_SHUTDOWN_TIMEOUT": "2",
+        **more,
+    }
+
+
+def watcher(b: Broker, pki: Path, topics: str = "edgecam/#") -> Recorder:
+    return Recorder(b.port, topics, ca=pki / "ca.crt", auth=("watcher", PASSWORDS["watcher"]), host="localhost",
+                    cert=(pki / "client.crt", pki / "client.key"))
+
+
+def test_publishes_over_tls_with_a_password_and_takes_commands(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        rec = watcher(b, pki)
+        d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", f"localhost:{b.port}",
+                    "--device-id", "dev1", env=env_for(pki))
+        assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t == "edgecam/dev1/result"]) >= 3, 60), d.log()
+        assert rec.on("status")[0] == b"online"
+        # Commands are on (the connection is authenticated) and answered on the device's own topic.
+        publish(b.port, "edgecam/dev1/cmd", json.dumps({"cmd": "ping", "id": "tls"}), ca=pki / "ca.crt",
+                auth=("watcher", PASSWORDS["watcher"]), host="localhost")
+        assert rec.wait_for(lambda m: any(t == "edgecam/dev1/cmd/reply" for t, _, _ in m), 15), d.log()
+        assert json.loads(rec.on("reply")[0])["id"] == "tls"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait(30) == 0, d.log()
+        assert rec.wait_for(lambda m: rec.on("status")[-1:] == [b"offline"], 10)
+        log = d.log()
+        assert PASSWORDS["dev1"] not in log and "commands: on" in log
+        rec.close()
+    finally:
+        b.stop()
+
+
+def test_password_from_a_file_and_a_client_certificate(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki, require_cert=True)
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORDS["dev1"] + "\n")
+    try:
+        rec = watcher(b, pki, "edgecam/dev1/result")
+        env = env_for(pki, EDGECAM_MQTT_CERT_FILE=str(pki / "client.crt"),
+                      EDGECAM_MQTT_KEY_FILE=str(pki / "client.key"), EDGECAM_MQTT_PASSWORD_FILE=str(secret))
+        del env["EDGECAM_MQTT_PASSWORD"]
+        d = daemons("--source", IMAGES, "--once", "--max-frames", "3", "--broker", f"localhost:{b.port}",
+                    "--device-id", "dev1", env=env)
+        assert d.wait(60) == 0, d.log()
+        assert rec.wait_for(lambda m: len(m) >= 3, 10)
+        rec.close()
+
+        # The same listener without the client certificate: refused in the handshake, said once per try.
+        env = env_for(pki)
+        d = daemons("--source", IMAGES, "--source-fps", "2", "--broker", f"localhost:{b.port}",
+                    "--device-id", "dev1", env=env)
+        _refused_with_backoff(d, "closed the connection before accepting it")
+    finally:
+        b.stop()
+
+
+def _refused_with_backoff(d, needle: str, seconds: float = 6) -> list[str]:  # type: ignore[no-untyped-def]
+    time.sleep(seconds)
+    assert d.proc.poll() is None, d.log()  # retrying, not crashing
+    lines = [line for line in d.log().splitlines() if needle in line]
+    assert 1 <= len(lines) <= 6, d.log()  # one line per backoff step (1 s, 2 s, 2 s, ...), not a flood
+    assert all("retrying in" in line for line in lines)
+    assert "Traceback" not in d.log()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    return lines
+
+
+def test_wrong_password_is_refused_and_retried(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        d = daemons("--source", IMAGES, "--source-fps", "2", "--broker", f"localhost:{b.port}", "--device-id", "dev1",
+                    env=env_for(pki, password="not-the-password-4711"))
+        lines = _refused_with_backoff(d, "refused the connection")
+        assert "Not authorized" in lines[0] or "not authorised" in lines[0].lower()
+        assert "4711" not in d.log()
+    finally:
+        b.stop()
+
+
+def test_unknown_ca_is_refused_and_retried(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        d = daemons("--source", IMAGES, "--source-fps", "2", "--broker", f"localhost:{b.port}", "--device-id", "dev1",
+                    env=env_for(pki, EDGECAM_MQTT_CA_FILE=str(pki / "other-ca.crt")))
+        lines = _refused_with_backoff(d, "TLS with localhost")
+        assert "certificate verify failed" in lines[0]
+    finally:
+        b.stop()
+
+
+def test_wrong_host_name_is_refused_and_retried(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        # The server's certificate names localhost, not 127.0.0.1.
+        d = daemons("--source", IMAGES, "--source-fps", "2", "--broker", f"127.0.0.1:{b.port}", "--device-id", "dev1",
+                    env=env_for(pki))
+        lines = _refused_with_backoff(d, "TLS with 127.0.0.1")
+        assert "Hostname mismatch" in lines[0] or "IP address mismatch" in lines[0], lines[0]
+    finally:
+        b.stop()
+
+
+def test_a_device_cannot_publish_under_another_devices_prefix(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        rec = watcher(b, pki, "edgecam/dev2/#")
+        # dev1's credentials, dev2's topics: the broker refuses the Last Will topic or every message.
+        d = daemons("--source", IMAGES, "--source-fps", "2", "--broker", f"localhost:{b.port}", "--device-id", "dev2",
+                    env=env_for(pki, "dev1", EDGECAM_MQTT_PROTOCOL="5"))
+        time.sleep(6)
+        assert d.proc.poll() is None, d.log()
+        assert rec.messages == []
+        log = d.log()
+        assert "refused the connection: Not authorized" in log or "refused a message: Not authorized" in log, log
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+        # A plain client with dev1's password cannot write there either (3.1.1: dropped without a word).
+        publish(b.port, "edgecam/dev2/result", b"{}", ca=pki / "ca.crt", auth=("dev1", PASSWORDS["dev1"]),
+                host="localhost")
+        time.sleep(1)
+        assert rec.messages == []
+        rec.close()
+    finally:
+        b.stop()
+
+
+def test_bad_tls_files_are_one_line(pki: Path, tmp_path: Path) -> None:
+    port = str(free_port())
+    proc = run_cli("run", "--source", IMAGES, "--broker", f"localhost:{port}",
+                   env=env_for(pki, EDGECAM_MQTT_CA_FILE=str(pki / "not-a-cert.pem")))
+    assert proc.returncode == 2
+    one_error_line(proc, "mqtt.ca_file", "not-a-cert.pem")
+    proc = run_cli("run", "--source", IMAGES, "--broker", f"localhost:{port}",
+                   env=env_for(pki, EDGECAM_MQTT_CERT_FILE=str(pki / "client.crt"),
+                               EDGECAM_MQTT_KEY_FILE=str(pki / "not-a-cert.pem")))
+    assert proc.returncode == 2
+    one_error_line(proc, "mqtt.cert_file", "client.crt")
+    proc = run_cli("run", "--source", IMAGES, env=env_for(pki, EDGECAM_MQTT_CA_FILE=str(tmp_path / "missing.crt")))
+    assert proc.returncode == 2
+    one_error_line(proc, "mqtt.ca_file", "no such file")
+
+
+def test_config_check_never_shows_the_password(pki: Path) -> None:
+    proc = run_cli("config", "check", env=env_for(pki))
+    assert proc.returncode == 0, proc.stderr
+    assert PASSWORDS["dev1"] not in proc.stdout + proc.stderr and "<redacted>" in proc.stdout
