@@ -120,6 +120,22 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     _add_overrides(check)
     csub.add_parser("default", help="print a commented default config file")
 
+    db = sub.add_parser("dashboard", help="a live web page for a fleet of devices, fed from the broker")
+    db.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
+    db.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                    help="where the page is served (default 127.0.0.1:8080, this machine only)")
+    db.add_argument("--token", help="require ?token=... on every request (or $EDGECAM_DASHBOARD_TOKEN)")
+    db.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
+    db.add_argument("--stale-after", type=float, default=30.0, metavar="S",
+                    help="a device with no result for this long is shown stale (default 30)")
+    db.add_argument("--username", help="broker user name; with one, the page can send commands")
+    db.add_argument("--password-file", help="file holding the broker password (or $EDGECAM_MQTT_PASSWORD)")
+    db.add_argument("--tls", action="store_true", help="connect with TLS (1.2 or newer, host name checked)")
+    db.add_argument("--ca-file", help="CA certificate for TLS (default: the system's)")
+    db.add_argument("--cert-file", help="client certificate for TLS")
+    db.add_argument("--key-file", help="client key for TLS")
+    db.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
     w = sub.add_parser("watch", help="print results from the broker as readable lines")
     w.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
     w.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
@@ -149,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_daemon(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "dashboard":
+            from .dashboard import run_dashboard
+            from .run import setup_logging
+
+            setup_logging(args.verbose)
+            return run_dashboard(args)
         if args.command == "watch":
             from .watch import run_watch
 

@@ -109,6 +109,12 @@ class CommandsConfig:
 
 
 @dataclass
+class HomeAssistantConfig:
+    discovery: bool = _f(False, "publish Home Assistant MQTT discovery messages (sensors and an image entity)")
+    prefix: str = _f("homeassistant", "Home Assistant's discovery prefix")
+
+
+@dataclass
 class Config:
     device_id: str = _f("", "device id in topics and the client id (empty: the host name)")
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -117,13 +123,14 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
     @property
     def device(self) -> str:
         return self.device_id or default_device_id()
 
 
-SECTIONS = ("source", "model", "loop", "mqtt", "spool", "commands")
+SECTIONS = ("source", "model", "loop", "mqtt", "spool", "commands", "homeassistant")
 
 
 def default_device_id() -> str:
@@ -269,6 +276,9 @@ def validate(cfg: Config) -> None:
             raise EdgecamError(f"mqtt.{key}: {value}: no such file")
     if bool(m.cert_file) != bool(m.key_file):
         raise EdgecamError("mqtt.cert_file and mqtt.key_file go together")
+    ha = cfg.homeassistant.prefix
+    if not ha or any(c in ha for c in "+#") or ha.strip() != ha or ha.startswith("/") or ha.endswith("/"):
+        raise EdgecamError(f"homeassistant.prefix: {ha!r} is not a usable topic prefix")
     for part in (cfg.device, m.prefix):
         if not part or any(c in part for c in "/+#") or part.strip() != part:
             which = "device_id" if part == cfg.device else "mqtt.prefix"

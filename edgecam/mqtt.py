@@ -97,12 +97,16 @@ class MqttSink:
         password: str | None = None,
         spool_overlays: bool = False,
         on_command: Callable[[bytes], None] | None = None,
+        discovery: list[tuple[str, bytes]] | None = None,
+        ha_status_topic: str = "homeassistant/status",
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.spool = spool
         self.spool_overlays = spool_overlays
         self.on_command = on_command
+        self.discovery = discovery or []
+        self.ha_status_topic = ha_status_topic
         self.where = f"{cfg.host}:{cfg.port}"
         names = ("result", "overlay", "status", "stats", "cmd", "cmd/reply")
         self.topics = {n: topic(cfg.prefix, device, n) for n in names}
@@ -167,6 +171,10 @@ class MqttSink:
             client.publish(self.topics["stats"], self._last_stats, qos=1, retain=True)
         if self.on_command is not None:
             client.subscribe(self.topics["cmd"], qos=1)
+        if self.discovery:
+            self._announce(client)
+            # Home Assistant forgets non-retained state when it restarts; its birth message asks again.
+            client.subscribe(self.ha_status_topic, qos=1)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self._connected.is_set()
@@ -214,6 +222,13 @@ class MqttSink:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_command is not None and msg.topic == self.topics["cmd"]:
             self.on_command(bytes(msg.payload))
+        elif self.discovery and msg.topic == self.ha_status_topic and bytes(msg.payload).strip() == b"online":
+            log.info("homeassistant: it came online; publishing discovery again")
+            self._announce(client)
+
+    def _announce(self, client: paho.Client) -> None:
+        for t, payload in self.discovery:
+            client.publish(t, payload, qos=1, retain=True)
 
     # -- the sender thread ---------------------------------------------------------------
     def _send_loop(self) -> None:

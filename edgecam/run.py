@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, discovery
 from .capture import Capture
 from .config import Config
 from .errors import EdgecamError
@@ -137,8 +137,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     daemon: Daemon
     if cfg.mqtt.enabled:
         on_command = (lambda payload: daemon.on_command(payload)) if commands_enabled(cfg) else None
+        ha = cfg.homeassistant
+        announce = discovery.configs(cfg.mqtt.prefix, cfg.device, clf.name, ha.prefix) if ha.discovery else None
         sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg), config.password(cfg.mqtt), cfg.spool.overlays,
-                        on_command)
+                        on_command, announce, f"{ha.prefix}/status")
     else:
         sink = StdoutSink()
     capture = open_capture(cfg, (clf.input.width, clf.input.height))

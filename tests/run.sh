@@ -14,15 +14,23 @@ make_venv() {  # dir, pip args...
   "$dir/bin/python" -c 'import edgecam' || return 1
 }
 
-# The MQTT tests start their own Mosquitto processes on free loopback ports; the
-# broker binary comes from Debian's package, as in setup.sh.
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing Mosquitto (Debian package) for the MQTT tests"
-  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {  # why, packages...
+  local why="$1"; shift
+  echo "== installing $* (Debian packages) for $why"
   { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; } \
-    || { echo "tests/run.sh: could not install mosquitto (apt-get install mosquitto)" >&2; exit 1; }
+      apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } \
+    || { echo "tests/run.sh: could not install $* (apt-get install $*)" >&2; exit 1; }
+}
+# The MQTT tests start their own Mosquitto processes on free loopback ports; the dashboard
+# test drives a real headless Chromium. Both come from Debian's packages, as in setup.sh.
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  apt_install "the MQTT tests" mosquitto
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  apt_install "the dashboard test" chromium chromium-driver
+fi
+command -v openssl >/dev/null 2>&1 || apt_install "the TLS tests" openssl
 
 status=0
 echo "== default install: ai-edge-litert"

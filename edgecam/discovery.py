@@ -1,0 +1,78 @@
+"""Home Assistant MQTT discovery: retained config messages for one device. Pure.
+
+Follows Home Assistant's MQTT discovery documentation (home-assistant.io/integrations/mqtt,
+sensor.mqtt and image.mqtt, as published in 2025-2026): topics
+<discovery_prefix>/<component>/<node_id>/<object_id>/config, a shared "device" block,
+and availability wired to edgecam's retained status topic.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import __version__
+
+
+def configs(prefix: str, device: str, model: str, ha_prefix: str = "homeassistant") -> list[tuple[str, bytes]]:
+    """(topic, payload) of every discovery message for this device."""
+    base = f"{prefix}/{device}"
+    node = f"edgecam_{device}".replace("-", "_").replace(".", "_")
+    common: dict[str, Any] = {
+        "availability_topic": f"{base}/status",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": {
+            "identifiers": [node],
+            "name": f"edgecam {device}",
+            "manufacturer": "edgecam",
+            "model": model,
+            "sw_version": __version__,
+        },
+        "origin": {"name": "edgecam", "sw_version": __version__},
+    }
+    entities: list[tuple[str, str, dict[str, Any]]] = [
+        (
+            "sensor",
+            "top1",
+            {
+                "name": "Top label",
+                "state_topic": f"{base}/result",
+                "value_template": "{{ value_json.top[0].label }}",
+                "json_attributes_topic": f"{base}/result",
+                "json_attributes_template": (
+                    "{{ {'score': value_json.top[0].score, 'class_id': value_json.top[0].id, "
+                    "'seq': value_json.seq, 'captured': value_json.ts} | tojson }}"
+                ),
+                "icon": "mdi:eye-outline",
+            },
+        ),
+        (
+            "sensor",
+            "fps",
+            {
+                "name": "Frames per second",
+                "state_topic": f"{base}/stats",
+                "value_template": "{{ value_json.fps }}",
+                "unit_of_measurement": "fps",
+                "state_class": "measurement",
+                "entity_category": "diagnostic",
+                "icon": "mdi:speedometer",
+            },
+        ),
+        (
+            "image",
+            "overlay",
+            {
+                "name": "Class activation overlay",
+                "image_topic": f"{base}/overlay",
+                "content_type": "image/jpeg",
+            },
+        ),
+    ]
+    out = []
+    for component, obj, fields in entities:
+        payload = {**fields, **common, "unique_id": f"{node}_{obj}", "object_id": f"{node}_{obj}"}
+        topic = f"{ha_prefix}/{component}/{node}/{obj}/config"
+        out.append((topic, json.dumps(payload, separators=(",", ":")).encode("utf-8")))
+    return out

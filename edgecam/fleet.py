@@ -1,0 +1,174 @@
+"""What the dashboard knows about each device, built from contract v1 messages. Pure: no I/O.
+
+Every message is checked before it changes anything: a malformed result, a payload too
+large, another contract version, a device id that cannot be one, or a result whose
+"device" is not its topic's is counted and dropped, never shown and never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .payload import CONTRACT_VERSION, PayloadError, decode_cam
+from .watch import check_result
+
+MAX_DEVICES = 256
+MAX_JSON = 64 * 1024
+MAX_OVERLAY = 4 * 1024 * 1024
+HISTORY_SECONDS = 600.0
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STATUSES = ("online", "degraded", "offline")
+
+
+@dataclass
+class Device:
+    id: str
+    status: str = "unknown"
+    last_seen: float = 0.0  # wall clock of the last message of any kind
+    last_result_at: float = 0.0
+    result: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+    runs: deque[list[Any]] = field(default_factory=deque)  # [label, first, last, best score], oldest first
+    overlay: bytes | None = None
+    overlay_seq: int = 0
+
+    def to_json(self, now: float, stale_after: float) -> dict[str, Any]:
+        stats = self.stats or {}
+        stale = self.status in ("online", "degraded") and (
+            not self.last_result_at or now - self.last_result_at > stale_after
+        )
+        return {
+            "id": self.id,
+            "status": self.status,
+            "stale": stale,
+            "last_seen": self.last_seen or None,
+            "last_result_at": self.last_result_at or None,
+            "result": self.result,
+            "fps": stats.get("fps"),
+            "state": stats.get("state"),
+            "reason": stats.get("reason"),
+            "timing_ms": stats.get("timing_ms"),
+            "stats_at": stats.get("_at"),
+            "model": (self.result or {}).get("model") or stats.get("model"),
+            "history": list(self.runs),
+            "overlay": self.overlay_seq or None,
+        }
+
+
+class Fleet:
+    def __init__(self, prefix: str = "edgecam") -> None:
+        self.prefix = prefix
+        self.devices: dict[str, Device] = {}
+        self.bad = 0
+        self.last_bad = ""
+
+    def _reject(self, topic: str, why: str) -> None:
+        self.bad += 1
+        self.last_bad = f"{topic[:120]}: {why[:200]}"
+
+    def ingest(self, topic: str, payload: bytes, now: float) -> str | None:
+        """Take one message; returns the id of the device it changed, or None."""
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[0] != self.prefix:
+            return None  # not a topic of ours (the subscription is <prefix>/+/<kind>)
+        _, dev, kind = parts
+        if not DEVICE_ID.match(dev):
+            self._reject(topic, "not a device id")
+            return None
+        if dev not in self.devices and len(self.devices) >= MAX_DEVICES:
+            self._reject(topic, f"more than {MAX_DEVICES} devices")
+            return None
+        try:
+            if kind == "status":
+                text = payload.decode("ascii", "replace").strip()
+                if text not in STATUSES:
+                    raise PayloadError(f"status {text[:20]!r} is not one of {', '.join(STATUSES)}")
+                device = self._device(dev)
+                device.status = text
+            elif kind == "result":
+                result = self._result(dev, payload)
+                device = self._device(dev)
+                device.result = result
+                device.last_result_at = now
+                self._remember(device, result, now)
+            elif kind == "stats":
+                stats = self._json(payload)
+                if stats.get("v") != CONTRACT_VERSION or stats.get("device") != dev:
+                    raise PayloadError("not a v1 stats message of this device")
+                device = self._device(dev)
+                device.stats = {k: stats.get(k) for k in ("fps", "state", "reason", "timing_ms", "model")}
+                device.stats["_at"] = now
+            elif kind == "overlay":
+                if not payload.startswith(b"\xff\xd8") or len(payload) > MAX_OVERLAY:
+                    raise PayloadError("not a JPEG, or too large")
+                device = self._device(dev)
+                device.overlay = bytes(payload)
+                device.overlay_seq += 1
+            else:
+                return None
+        except PayloadError as exc:
+            self._reject(topic, str(exc))
+            return None
+        device.last_seen = now
+        return dev
+
+    def _device(self, dev: str) -> Device:
+        if dev not in self.devices:
+            self.devices[dev] = Device(dev)
+        return self.devices[dev]
+
+    @staticmethod
+    def _json(payload: bytes) -> dict[str, Any]:
+        if len(payload) > MAX_JSON:
+            raise PayloadError(f"{len(payload)} bytes, over {MAX_JSON}")
+        try:
+            obj = json.loads(payload)
+        except (UnicodeDecodeError, ValueError):
+            raise PayloadError("not JSON") from None
+        if not isinstance(obj, dict):
+            raise PayloadError("not a JSON object")
+        return obj
+
+    def _result(self, dev: str, payload: bytes) -> dict[str, Any]:
+        obj = check_result(self._json(payload))
+        if obj["device"] != dev:
+            raise PayloadError(f"result of device {str(obj['device'])[:40]!r} on {dev}'s topic")
+        cam = obj["cam"]
+        decode_cam(cam)  # a map that does not decode is not shown
+        top = [
+            {"id": t.get("id"), "label": str(t["label"])[:200], "score": float(t["score"])} for t in obj["top"][:5]
+        ]
+        return {
+            "seq": obj.get("seq"),
+            "boot": obj.get("boot"),
+            "ts": obj.get("ts"),
+            "model": obj.get("model"),
+            "top": top,
+            "cam": {k: cam[k] for k in ("id", "label", "w", "h", "min", "max", "png") if k in cam},
+            "timing_ms": obj.get("timing_ms") if isinstance(obj.get("timing_ms"), dict) else None,
+        }
+
+    @staticmethod
+    def _remember(device: Device, result: dict[str, Any], now: float) -> None:
+        """The top-1 label over time, as runs of the same label, for the timeline."""
+        label, score = result["top"][0]["label"], result["top"][0]["score"]
+        runs = device.runs
+        if runs and runs[-1][0] == label and now - runs[-1][2] < 60:
+            runs[-1][2] = now
+            runs[-1][3] = max(runs[-1][3], score)
+        else:
+            runs.append([label, now, now, score])
+        while runs and now - runs[0][2] > HISTORY_SECONDS:
+            runs.popleft()
+
+    def snapshot(self, now: float, stale_after: float) -> dict[str, Any]:
+        return {
+            "now": now,
+            "stale_after": stale_after,
+            "bad_messages": self.bad,
+            "devices": [d.to_json(now, stale_after) for d in sorted(self.devices.values(), key=lambda d: d.id)],
+        }
