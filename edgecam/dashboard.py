@@ -53,7 +53,7 @@ class Hub:
         self.controls = controls
         self.lock = threading.Lock()
         self.clients: set[queue.Queue[str | None]] = set()
-        self.replies: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, dict[str, Any] | None] = {}  # only ids this dashboard is waiting for
         self.reply_cond = threading.Condition(self.lock)
         self.connected = False
 
@@ -83,12 +83,17 @@ class Hub:
             return
         if isinstance(obj, dict) and isinstance(obj.get("id"), str):
             with self.reply_cond:
-                self.replies[obj["id"]] = obj
-                self.reply_cond.notify_all()
+                if obj["id"] in self.replies:
+                    self.replies[obj["id"]] = obj
+                    self.reply_cond.notify_all()
+
+    def expect_reply(self, rid: str) -> None:
+        with self.reply_cond:
+            self.replies[rid] = None
 
     def wait_reply(self, rid: str, timeout: float) -> dict[str, Any] | None:
         with self.reply_cond:
-            self.reply_cond.wait_for(lambda: rid in self.replies, timeout)
+            self.reply_cond.wait_for(lambda: self.replies.get(rid) is not None, timeout)
             return self.replies.pop(rid, None)
 
     def broadcast(self, message: str) -> None:
@@ -110,6 +115,10 @@ class Hub:
     def drop(self, q: queue.Queue[str | None]) -> None:
         with self.lock:
             self.clients.discard(q)
+        # Make room for the end marker, or a full queue would keep the stream open, silent.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
         with contextlib.suppress(queue.Full):
             q.put_nowait(None)
 
@@ -211,6 +220,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.close_connection = True  # the body stays unread; do not parse it as the next request
+            self._json(413, {"ok": False, "error": f"over {MAX_BODY} bytes"})
+            return
+        raw = self.rfile.read(length) if length else b""
         if urlsplit(self.path).path != "/api/cmd":
             self._send(404, b"not found\n", "text/plain")
             return
@@ -220,21 +235,17 @@ class Handler(BaseHTTPRequestHandler):
         if not self.hub.controls:
             self._json(403, {"ok": False, "error": "commands need a dashboard authenticated to the broker"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._json(413, {"ok": False, "error": f"over {MAX_BODY} bytes"})
-            return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            body = json.loads(raw or b"{}")
             dev, cmd = body["device"], body["cmd"]
-            if not isinstance(dev, str) or not DEVICE_ID.match(dev) or not isinstance(cmd, dict):
+            if not isinstance(dev, str) or not DEVICE_ID.fullmatch(dev) or not isinstance(cmd, dict):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             self._json(400, {"ok": False, "error": 'expected {"device": ID, "cmd": {...}}'})
             return
         rid = "dash-" + secrets.token_hex(6)
-        cmd = {**cmd, "id": rid}
-        self.client.publish(f"{self.prefix}/{dev}/cmd", json.dumps(cmd), qos=1)
+        self.hub.expect_reply(rid)
+        self.client.publish(f"{self.prefix}/{dev}/cmd", json.dumps({**cmd, "id": rid}), qos=1)
         reply = self.hub.wait_reply(rid, COMMAND_TIMEOUT_S)
         if reply is None:
             self._json(504, {"ok": False, "error": f"no reply from {dev} in {COMMAND_TIMEOUT_S:g} s "
@@ -264,7 +275,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     listen_host, listen_port = parse_listen(args.listen)
     if args.stale_after <= 0:
         raise EdgecamError(f"--stale-after {args.stale_after}: must be more than 0 seconds")
-    if not DEVICE_ID.match(args.prefix):
+    if not DEVICE_ID.fullmatch(args.prefix):
         raise EdgecamError(f"--prefix {args.prefix!r} cannot be an MQTT topic level")
     token = args.token or os.environ.get("EDGECAM_DASHBOARD_TOKEN") or None
     if not is_loopback(listen_host) and not token:

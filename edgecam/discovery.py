@@ -17,7 +17,9 @@ from . import __version__
 def configs(prefix: str, device: str, model: str, ha_prefix: str = "homeassistant") -> list[tuple[str, bytes]]:
     """(topic, payload) of every discovery message for this device."""
     base = f"{prefix}/{device}"
-    node = f"edgecam_{device}".replace("-", "_").replace(".", "_")
+    # Discovery node ids take [a-zA-Z0-9_-]; device ids also have '.'. Doubling '_' and writing
+    # '.' as '_d' keeps distinct devices distinct (cam_1, cam.1 and cam-1 stay three).
+    node = "edgecam_" + device.replace("_", "__").replace(".", "_d")
     common: dict[str, Any] = {
         "availability_topic": f"{base}/status",
         "payload_available": "online",
@@ -72,7 +74,9 @@ def configs(prefix: str, device: str, model: str, ha_prefix: str = "homeassistan
     ]
     out = []
     for component, obj, fields in entities:
-        payload = {**fields, **common, "unique_id": f"{node}_{obj}", "object_id": f"{node}_{obj}"}
+        # default_entity_id replaced object_id in Home Assistant 2025.10 (object_id stops working in 2026.4).
+        entity = f"{node}_{obj}".replace("-", "_").lower()
+        payload = {**fields, **common, "unique_id": f"{node}_{obj}", "default_entity_id": f"{component}.{entity}"}
         topic = f"{ha_prefix}/{component}/{node}/{obj}/config"
         out.append((topic, json.dumps(payload, separators=(",", ":")).encode("utf-8")))
     return out

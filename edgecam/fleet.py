@@ -20,7 +20,8 @@ MAX_DEVICES = 256
 MAX_JSON = 64 * 1024
 MAX_OVERLAY = 4 * 1024 * 1024
 HISTORY_SECONDS = 600.0
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
+MAX_RUNS = 300
 STATUSES = ("online", "degraded", "offline")
 
 
@@ -32,7 +33,8 @@ class Device:
     last_result_at: float = 0.0
     result: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
-    runs: deque[list[Any]] = field(default_factory=deque)  # [label, first, last, best score], oldest first
+    # [label, first, last, best score], oldest first; a top-1 that flickers still stays small.
+    runs: deque[list[Any]] = field(default_factory=lambda: deque(maxlen=MAX_RUNS))
     overlay: bytes | None = None
     overlay_seq: int = 0
 
@@ -76,7 +78,7 @@ class Fleet:
         if len(parts) != 3 or parts[0] != self.prefix:
             return None  # not a topic of ours (the subscription is <prefix>/+/<kind>)
         _, dev, kind = parts
-        if not DEVICE_ID.match(dev):
+        if not DEVICE_ID.fullmatch(dev):
             self._reject(topic, "not a device id")
             return None
         if dev not in self.devices and len(self.devices) >= MAX_DEVICES:
@@ -126,9 +128,10 @@ class Fleet:
         if len(payload) > MAX_JSON:
             raise PayloadError(f"{len(payload)} bytes, over {MAX_JSON}")
         try:
-            obj = json.loads(payload)
+            # NaN and Infinity are not JSON; Python accepts them, a browser's JSON.parse does not.
+            obj = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
         except (UnicodeDecodeError, ValueError):
-            raise PayloadError("not JSON") from None
+            raise PayloadError("not JSON (or numbers that are not finite)") from None
         if not isinstance(obj, dict):
             raise PayloadError("not a JSON object")
         return obj
@@ -172,3 +175,14 @@ class Fleet:
             "bad_messages": self.bad,
             "devices": [d.to_json(now, stale_after) for d in sorted(self.devices.values(), key=lambda d: d.id)],
         }
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is not a finite number")
+    return value
