@@ -22,6 +22,7 @@ MAX_OVERLAY = 4 * 1024 * 1024
 HISTORY_SECONDS = 600.0
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 MAX_RUNS = 300
+OVERLAY_FRESH_S = 1.5
 STATUSES = ("online", "degraded", "offline")
 
 
@@ -37,6 +38,7 @@ class Device:
     runs: deque[list[Any]] = field(default_factory=lambda: deque(maxlen=MAX_RUNS))
     overlay: bytes | None = None
     overlay_seq: int = 0
+    overlay_at: float = 0.0
 
     def to_json(self, now: float, stale_after: float) -> dict[str, Any]:
         stats = self.stats or {}
@@ -58,6 +60,9 @@ class Device:
             "model": (self.result or {}).get("model") or stats.get("model"),
             "history": list(self.runs),
             "overlay": self.overlay_seq or None,
+            # An overlay is a picture of one frame: shown only while it is about as new as the latest
+            # result, so labels of one frame never sit under the picture of another.
+            "overlay_fresh": bool(self.overlay) and self.last_result_at - self.overlay_at <= OVERLAY_FRESH_S,
         }
 
 
@@ -110,6 +115,7 @@ class Fleet:
                 device = self._device(dev)
                 device.overlay = bytes(payload)
                 device.overlay_seq += 1
+                device.overlay_at = now
             else:
                 return None
         except PayloadError as exc:

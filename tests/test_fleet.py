@@ -376,3 +376,16 @@ def test_non_finite_numbers_never_reach_the_snapshot(payload: bytes) -> None:
     fleet.ingest("edgecam/cam-1/result", result(seq=1), T0)
     fleet.ingest("edgecam/cam-1/result", payload, T0 + 1)
     json.dumps(fleet.snapshot(T0 + 2, 30.0), allow_nan=False)
+
+
+def test_an_overlay_is_shown_only_while_it_is_as_new_as_the_result() -> None:
+    fleet = Fleet()
+    fleet.ingest("edgecam/cam-1/result", result(seq=1), T0)
+    fleet.ingest("edgecam/cam-1/overlay", jpeg(), T0 + 0.1)  # the overlay of result 1, just after it
+    assert devices(fleet, T0 + 1)[0]["overlay_fresh"] is True
+    fleet.ingest("edgecam/cam-1/result", result(seq=2), T0 + 1.0)
+    assert devices(fleet, T0 + 1)[0]["overlay_fresh"] is True  # within the 1.5 s of one frame's pair
+    fleet.ingest("edgecam/cam-1/result", result(seq=3, label="magpie"), T0 + 3.0)
+    # Result 3's labels must not sit under result 1's picture.
+    assert devices(fleet, T0 + 3)[0]["overlay_fresh"] is False
+    assert devices(fleet, T0 + 3)[0]["overlay"] == 1
