@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain INTER_AREA downscaling (slower on large frames; the default fast path is close to it)",
     )
     ex.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    ex.add_argument("--method", choices=("cam", "occlusion"), default="cam",
+                    help="cam (default): the class activation map; occlusion: the score drop under a sliding grey "
+                    "patch, one inference per patch position")
+    ex.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
+    ex.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
+
+    ev = sub.add_parser("evaluate", help="how faithful is a map: deletion, insertion, pointing game (offline)")
+    _add_model_args(ev)
+    ev.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    ev.add_argument("--method", action="append", choices=("cam", "occlusion", "random"),
+                    help="repeatable (default: all three; random is the baseline)")
+    ev.add_argument("--masks", type=Path, help="directory of object masks named like the images (white = object)")
+    ev.add_argument("--steps", type=int, default=16, help="points on each curve after the start (default 16)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the random baseline and of tie-breaking")
+    ev.add_argument("--patch", type=int, default=56, help="occlusion patch side (default 56)")
+    ev.add_argument("--stride", type=int, default=28, help="occlusion stride (default 28)")
+    ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")
     _add_model_args(ins)
@@ -155,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .explain import run_explain
 
             return run_explain(args)
+        if args.command == "evaluate":
+            from .evaluate import run_evaluate
+
+            return run_evaluate(args)
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "models":

@@ -16,6 +16,7 @@ from . import cam as cam_math
 from .errors import EdgecamError
 from .labels import class_id
 from .model import Classifier
+from .occlusion import occlusion_maps
 from .preprocess import Box, to_input
 from .render import overlay, write_image
 
@@ -102,6 +103,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise EdgecamError(f"--top {args.top}: must be at least 1")
+    if args.patch < 1 or args.stride < 1:
+        raise EdgecamError(f"--patch {args.patch} --stride {args.stride}: both must be at least 1 pixel")
     clf = load_classifier(args)
     extra = [class_id(c, clf.labels) for c in args.classes]
     if args.out:
@@ -124,6 +127,14 @@ def run_explain(args: argparse.Namespace) -> int:
             print(f"edgecam: {path}: {reason}", file=sys.stderr)
             continue
         exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize)
+        if args.method == "occlusion":
+            x, _ = to_input(frame, clf.input, args.crop, args.exact_resize)
+            occ = occlusion_maps(clf, x, exp.cam_ids, args.patch, args.stride)
+            exp.cams = occ.maps
+            how = "one batched invoke()" if occ.batched else "one invoke() each"
+            progress.close()
+            print(f"edgecam: {path.name}: occlusion: {occ.positions[0]}x{occ.positions[1]} positions, "
+                  f"{occ.inferences} inferences ({how}), {occ.seconds * 1e3:.0f} ms", file=sys.stderr)
         if args.out:
             stem = _unique(path.stem, used)
             for cid, m in zip(exp.cam_ids, exp.cams, strict=True):
@@ -135,7 +146,9 @@ def run_explain(args: argparse.Namespace) -> int:
                         raise EdgecamError(f"{target}: cannot write ({exc.strerror or exc})") from None
         progress.close()
         if args.json:
-            print(json.dumps(to_json(str(path), clf.name, exp, clf.labels)), flush=True)
+            obj = to_json(str(path), clf.name, exp, clf.labels)
+            obj["method"] = args.method
+            print(json.dumps(obj), flush=True)
         else:
             print(_line(str(path), exp), flush=True)
     progress.close()

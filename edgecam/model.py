@@ -85,6 +85,7 @@ class Classifier:
         self.graph, self.head = analyse(self.path, data, head_names)
         self.runtime: Runtime = get_runtime()
         prepared = with_outputs(data, [self.head.feature, self.head.logits])
+        self.prepared = prepared  # kept for a second interpreter (a batch of occluded frames)
         try:
             self.interpreter: Any = make_interpreter(prepared, num_threads)
         except (ValueError, RuntimeError) as exc:

@@ -296,6 +296,9 @@ class MqttSink:
 
     # -- the daemon's side ---------------------------------------------------------------
     def start(self) -> None:
+        if self.spool.waiting_at_start:
+            log.info("spool: %d messages from before are waiting in %s; they go first",
+                     self.spool.waiting_at_start, self.spool.path)
         log.info("mqtt: connecting to %s, topics under %s/%s/", self.where, self.cfg.prefix, self.device)
         self._sender = threading.Thread(target=self._send_loop, name="edgecam-sender", daemon=True)
         self._sender.start()

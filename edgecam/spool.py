@@ -80,6 +80,7 @@ class Spool:
         self._next_id = 1
         self._retry_at = 0.0
         self.reserve = 0  # bytes left free on the spool's filesystem, set on first use
+        self.waiting_at_start = 0
         if path is not None:
             self._open(path)
 
@@ -115,9 +116,7 @@ class Spool:
             if kind in self._count:
                 self._count[kind], self._bytes[kind] = int(n), int(size)
             self._next_id = max(self._next_id, int(top) + 1)
-        waiting = sum(self._count.values())
-        if waiting:
-            log.info("spool: %d messages from before are waiting in %s", waiting, path)
+        self.waiting_at_start = sum(self._count.values())
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,8 @@ SCORE_TOLERANCE = 0.08 if os.environ.get("EDGECAM_RUNTIME") == "tflite" else 0.0
 def pytest_configure(config: pytest.Config) -> None:
     if not MODELS.is_dir():
         raise pytest.UsageError(f"{MODELS} is missing: the tests need ../shared beside the project")
+    # No test may read or fill the user's own spool (~/.local/state/edgecam); tests that care set their own.
+    os.environ["EDGECAM_SPOOL_DIR"] = tempfile.mkdtemp(prefix="edgecam-test-state-")
 
 
 @pytest.fixture

@@ -272,3 +272,16 @@ def test_folder_of_unreadable_images_fails_once(tmp_path: Path, daemons) -> None
     log = d.log()
     assert "no image could be decoded (a.jpg, b.png)" in log and "ended before any frame was used" in log
     assert "Traceback" not in log
+
+
+def test_a_set_up_error_stays_one_line_with_results_waiting(tmp_path: Path) -> None:
+    from edgecam.spool import Quota, Spool
+
+    state = tmp_path / "state"
+    spool = Spool(state / "spool-dev-w.db", {"result": Quota(10**6, 3600), "overlay": Quota(10**6, 3600)})
+    spool.append("result", "edgecam/dev-w/result", b"{}", 1)
+    spool.close()
+    proc = run_cli("run", "--source", tmp_path / "missing-dir", "--device-id", "dev-w",
+                   env={"EDGECAM_SPOOL_DIR": str(state)})
+    assert proc.returncode == 2
+    one_error_line(proc, "missing-dir")
