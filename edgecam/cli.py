@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--method", choices=("cam", "occlusion"), default="cam",
                     help="cam (default): the class activation map; occlusion: the score drop under a sliding grey "
                     "patch, one inference per patch position")
+    ex.add_argument("--wide", action="store_true",
+                    help="keep the frame's aspect: short side at the input size, a wider map (7x13 for 16:9), "
+                    "for models pooled with MEAN")
     ex.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
     ex.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
 
@@ -83,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--patch", type=int, default=56, help="occlusion patch side (default 56)")
     ev.add_argument("--stride", type=int, default=28, help="occlusion stride (default 28)")
     ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    la = sub.add_parser("layers", help="each stage's channel-mean activation over the frame, in one picture")
+    _add_model_args(la)
+    la.add_argument("image", type=Path, metavar="IMAGE")
+    la.add_argument("--out", "-o", type=Path, default=Path("."), help="directory for IMAGE.layers.jpg (default .)")
+    la.add_argument("--json", action="store_true", help="the stages as JSON on stdout")
 
     ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")
     _add_model_args(ins)
@@ -172,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .explain import run_explain
 
             return run_explain(args)
+        if args.command == "layers":
+            from .layers import run_layers
+
+            return run_layers(args)
         if args.command == "evaluate":
             from .evaluate import run_evaluate
 
@@ -203,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `edgecam explain ... | head`: the reader left; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _version() -> int:

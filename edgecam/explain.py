@@ -113,6 +113,16 @@ def run_explain(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise EdgecamError(f"{args.out}: cannot create output directory ({exc.strerror or exc})") from None
     styles = ["blend", "dim"] if args.style == "both" else [args.style]
+    wide = None
+    if args.wide:
+        from .wide import WideCam
+
+        if args.crop:
+            raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")
+        if args.method == "occlusion":
+            raise EdgecamError("--wide works with --method cam only (occlusion runs on the square input)")
+        wide = WideCam(clf)
+    said = ""
     items = list(iter_images(args.images))
     progress = _Progress(len(items))
     failed = 0
@@ -126,7 +136,14 @@ def run_explain(args: argparse.Namespace) -> int:
             reason = problem or "cannot read as an image (unsupported or corrupt file)"
             print(f"edgecam: {path}: {reason}", file=sys.stderr)
             continue
-        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize)
+        if wide is not None:
+            exp = wide.explain(frame, args.top, extra)
+            if wide.reason and wide.reason != said:
+                said = wide.reason
+                progress.close()
+                print(f"edgecam: --wide: {wide.reason}; using the square input", file=sys.stderr)
+        else:
+            exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize)
         if args.method == "occlusion":
             x, _ = to_input(frame, clf.input, args.crop, args.exact_resize)
             occ = occlusion_maps(clf, x, exp.cam_ids, args.patch, args.stride)

@@ -1,0 +1,129 @@
+"""`edgecam layers`: how the network goes from edges to parts to objects, stage by stage.
+
+A stage is found from the graph alone: walking the operators in order, the last 4-D activation
+at each spatial size before the maps get smaller (for MobileNetV2 at 224: 112, 56, 28, 14 and
+7 pixels), ending with the CAM's feature map. Those tensors are added to the model's outputs (as
+for the CAM), one invoke() gives them all, and each is drawn as its channel-mean map over the frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import EdgecamError
+from .model import Classifier, _deq
+from .preprocess import to_input
+from .render import heat_u8, jet_u8, write_image
+from .runtime import make_interpreter
+from .tflite_graph import with_outputs
+
+
+@dataclass
+class Stage:
+    index: int  # tensor index
+    name: str
+    shape: tuple[int, ...]
+
+
+def stages(clf: Classifier) -> list[Stage]:
+    """The last activation at each spatial size, in order, ending with the feature map."""
+    t = clf.graph.tensors
+    last: dict[tuple[int, int], int] = {}
+    order: list[tuple[int, int]] = []
+    for op in clf.graph.operators:
+        for out in op.outputs:
+            shape = t[out].shape
+            if len(shape) != 4 or shape[0] != 1 or min(shape[1], shape[2]) < 2 or out in clf.graph.inputs:
+                continue
+            if (shape[1], shape[2]) == (clf.input.height, clf.input.width) and shape[3] == 3:
+                continue  # the input itself, (de)quantized: not a stage
+            size = (shape[1], shape[2])
+            if order and size != order[-1] and size in last:
+                continue  # a side branch back at an earlier size: not the main path
+            if size not in last:
+                order.append(size)
+            last[size] = out
+            if out == clf.head.feature:
+                break
+        if clf.head.feature in last.values():
+            break
+    found = [Stage(last[s], short_name(t[last[s]].name), tuple(t[last[s]].shape)) for s in order]
+    if not found or found[-1].index != clf.head.feature:
+        feature = clf.head.feature
+        found.append(Stage(feature, short_name(t[feature].name), tuple(t[feature].shape)))
+    return found
+
+
+def short_name(name: str) -> str:
+    """A converter's fused name ("A/relu6;StatefulPartitionedCall/A/relu6;...") cut to its first part."""
+    return name.split(";")[0].removeprefix("StatefulPartitionedCall/")
+
+
+def activations(clf: Classifier, frame: np.ndarray, found: list[Stage]) -> list[np.ndarray]:
+    """Channel-mean maps [h, w] of every stage, from one invoke()."""
+    data = with_outputs(clf.prepared, [s.index for s in found if s.index != clf.head.feature])
+    it = make_interpreter(data, 2)
+    x, _ = to_input(frame, clf.input)
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    t = clf.graph.tensors
+    return [_deq(t[s.index].quant, it.get_tensor(s.index))[0].mean(axis=-1) for s in found]
+
+
+def picture(frame: np.ndarray, found: list[Stage], maps: list[np.ndarray], panel_width: int = 320) -> np.ndarray:
+    """One picture: the frame, then each stage's map over it, labelled with name and shape."""
+    h, w = frame.shape[:2]
+    ph = round(panel_width * h / w)
+    small = cv2.resize(frame, (panel_width, ph), interpolation=cv2.INTER_AREA)
+    panels = [_label(small.copy(), "input", f"{w}x{h}")]
+    for stage, m in zip(found, maps, strict=True):
+        heat = jet_u8(heat_u8(m, panel_width, ph))
+        panel = cv2.addWeighted(heat, 0.55, small, 0.45, 0.0)
+        _, sh, sw, sc = stage.shape
+        name = stage.name if len(stage.name) <= 40 else ".../" + "/".join(stage.name.split("/")[-3:])
+        panels.append(_label(panel, name[-44:], f"{sh}x{sw}x{sc}"))
+    cols = 3
+    while len(panels) % cols:
+        panels.append(np.zeros_like(panels[0]))
+    rows = [np.hstack(panels[i : i + cols]) for i in range(0, len(panels), cols)]
+    return np.vstack(rows)
+
+
+def _label(img: np.ndarray, name: str, shape: str) -> np.ndarray:
+    cv2.rectangle(img, (0, 0), (img.shape[1], 34), (0, 0, 0), -1)
+    cv2.putText(img, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(img, shape, (4, 29), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 220, 255), 1, cv2.LINE_AA)
+    return img
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from .cli import load_classifier
+
+    clf = load_classifier(args)
+    frame = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise EdgecamError(f"{args.image}: cannot read as an image")
+    found = stages(clf)
+    maps = activations(clf, frame, found)
+    out_dir: Path = args.out
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{Path(args.image).stem}.layers.jpg"
+        write_image(target, picture(frame, found, maps))
+    except OSError as exc:
+        raise EdgecamError(f"{out_dir}: cannot write ({exc.strerror or exc})") from None
+    info = [{"tensor": s.index, "name": s.name, "shape": list(s.shape)} for s in found]
+    if args.json:
+        print(json.dumps({"image": str(args.image), "picture": str(target), "stages": info}))
+    else:
+        for s in found:
+            print(f"#{s.index:<4d} {'x'.join(map(str, s.shape[1:])):>12s}  {s.name}")
+        print(f"{target}: {len(found)} stages", file=sys.stderr)
+    return 0

@@ -1,0 +1,76 @@
+"""Aspect-preserving CAM: the frame's short side at the model's input size, the long side in proportion.
+
+A global MEAN over height and width does not care how wide the map is, so a model pooled that way
+(the Keras MobileNetV2) can take a 224x398 input for a 16:9 frame and give a 7x13 map that covers
+the whole view without squashing it. A model whose pooling has a fixed window (AVERAGE_POOL_2D
+over 7x7) cannot: it falls back to the square input, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from . import cam as cam_math
+from .explain import Explanation, explain_frame
+from .model import Classifier, _deq
+from .preprocess import to_input
+from .runtime import make_interpreter
+
+log = logging.getLogger("edgecam")
+
+
+def wide_size(frame_h: int, frame_w: int, side: int) -> tuple[int, int]:
+    """Input (height, width) with the short side at `side` and the frame's aspect kept."""
+    if frame_w >= frame_h:
+        return side, max(side, round(side * frame_w / frame_h))
+    return max(side, round(side * frame_h / frame_w)), side
+
+
+class WideCam:
+    """A second interpreter per input shape, resized from the classifier's prepared model."""
+
+    def __init__(self, clf: Classifier) -> None:
+        self.clf = clf
+        self.interpreters: dict[tuple[int, int], Any] = {}
+        self.reason = "" if clf.head.pool == "MEAN" else (
+            f"the model pools with {clf.head.pool} (a fixed window), so its input cannot be widened"
+        )
+
+    def _interpreter(self, h: int, w: int) -> Any:
+        if (h, w) not in self.interpreters:
+            it = make_interpreter(self.clf.prepared, 2)
+            index = it.get_input_details()[0]["index"]
+            it.resize_tensor_input(index, [1, h, w, 3])
+            it.allocate_tensors()
+            self.interpreters[(h, w)] = it
+        return self.interpreters[(h, w)]
+
+    def explain(self, frame: np.ndarray, top_k: int = 3, extra: list[int] | None = None) -> Explanation:
+        clf = self.clf
+        if self.reason:
+            return explain_frame(clf, frame, top_k, extra)
+        h, w = wide_size(frame.shape[0], frame.shape[1], min(clf.input.height, clf.input.width))
+        try:
+            it = self._interpreter(h, w)
+        except (RuntimeError, ValueError) as exc:
+            self.reason = f"the runtime refused a {h}x{w} input ({' '.join(str(exc).split())[:120]})"
+            return explain_frame(clf, frame, top_k, extra)
+        spec = replace(clf.input, height=h, width=w)
+        x, box = to_input(frame, spec)
+        index = it.get_input_details()[0]["index"]
+        it.set_tensor(index, x)
+        it.invoke()
+        head, t = clf.head, clf.graph.tensors
+        logits = _deq(t[head.logits].quant, it.get_tensor(head.logits)).reshape(-1)
+        scores = (_deq(t[head.output].quant, it.get_tensor(head.output)).reshape(-1) if head.softmax
+                  else cam_math.softmax(logits))
+        features = _deq(t[head.feature].quant, it.get_tensor(head.feature))[0]
+        idx = cam_math.top_k(scores, top_k)
+        top = [(int(i), clf.labels[int(i)], float(scores[i])) for i in idx]
+        cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
+        return Explanation(top, cam_ids, cam_math.class_maps(features, head.weights, cam_ids), box)
+
