@@ -91,6 +91,12 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """stderr is exactly one `edgecam: error: ...` line containing every needle, with no traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from broker import Broker, Recorder, free_port, publish
-from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, one_error_line, run_cli
+from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli
 
 from edgecam.payload import decode_cam
 
@@ -140,7 +140,7 @@ def test_unreachable_broker_retries_then_delivers(tmp_path: Path, daemons) -> No
     assert 1 <= len(tries) <= 6, log
     assert f"127.0.0.1:{port}" in tries[0] and "retrying in" in tries[0]
     assert "Traceback" not in log
-    cpu = _cpu_seconds(d.proc.pid)
+    cpu = cpu_seconds(d.proc.pid)
     # Model load plus ~4 small frames a second: far from a spinning core.
     assert cpu < 4.5, f"{cpu:.1f} s of CPU in 6 s"
 
@@ -156,10 +156,6 @@ def test_unreachable_broker_retries_then_delivers(tmp_path: Path, daemons) -> No
     finally:
         broker.stop()
 
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_publish_on_change_and_heatmap_size(broker: Broker, daemons, tmp_path: Path) -> None:

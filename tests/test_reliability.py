@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, Recorder
-from conftest import IMAGES
+from conftest import IMAGES, cpu_seconds
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -207,19 +207,15 @@ def test_missing_camera_runs_degraded_without_spinning(broker: Broker, daemons) 
     assert rec.wait_for(lambda m: any(t.endswith("/stats") for t, _, _ in m), 30)
     stats = json.loads(rec.on("stats")[-1])
     assert stats["state"] == "degraded" and "/dev/video9" in stats["reason"] and stats["status"] == "degraded"
-    start_cpu = _cpu(d.proc.pid)
+    start_cpu = cpu_seconds(d.proc.pid)
     time.sleep(4)
-    assert _cpu(d.proc.pid) - start_cpu < 1.0, "the daemon spins while the camera is missing"
+    assert cpu_seconds(d.proc.pid) - start_cpu < 1.0, "the daemon spins while the camera is missing"
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait(30) == 0, d.log()
     tries = [line for line in d.log().splitlines() if "opening again in" in line]
     assert 2 <= len(tries) <= 8, d.log()
     rec.close()
 
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_sighup_reloads_the_config_in_place(broker: Broker, daemons, tmp_path: Path) -> None:
