@@ -48,7 +48,9 @@ def check_schema(r: dict[str, Any], device: str) -> None:
 
 def test_every_result_arrives_and_matches_explain(broker: Broker, daemons, tmp_path: Path) -> None:
     conf = tmp_path / "edgecam.toml"
-    conf.write_text("[loop]\noverlay_every = 1\noverlay_width = 256\noverlay_height = 192\n")
+    # Overlays go out only while connected unless spooled; the first frame can beat the connection.
+    conf.write_text("[loop]\noverlay_every = 1\noverlay_width = 256\noverlay_height = 192\n"
+                    "[spool]\noverlays = true\n")
     rec = Recorder(broker.port, "edgecam/dev-a/#")
     d = daemons("-c", conf, "--source", IMAGES, "--once", "--broker", broker.address, "--device-id", "dev-a")
     assert d.wait() == 0, d.log()
