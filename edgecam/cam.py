@@ -47,9 +47,10 @@ def normalize(cam: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - float(np.max(logits))
-    e = np.exp(z)
-    return (e / e.sum()).astype(np.float32)
+    """Softmax over the last axis (one row of logits, or a batch of rows)."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from . import cam as cam_math
 from .errors import EdgecamError
 from .labels import class_id
-from .model import Classifier
+from .model import Classifier, Inference
 from .occlusion import occlusion_maps
 from .preprocess import Box, to_input
 from .render import overlay, write_image
@@ -51,14 +51,26 @@ def explain_frame(
     t1 = time.perf_counter()
     inf = clf.infer(x)
     t2 = time.perf_counter()
-    idx = cam_math.top_k(inf.scores, top_k)
-    top = [(int(i), clf.labels[int(i)], float(inf.scores[i])) for i in idx]
-    cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
-    cams = clf.cams(inf, cam_ids)
+    exp = explain_inference(clf, inf, box, top_k, extra, keep.get("view"))
     if timing is not None:
         t3 = time.perf_counter()
         timing.update(pre=(t1 - t0) * 1e3, infer=(t2 - t1) * 1e3, cam=(t3 - t2) * 1e3)
-    return Explanation(top, cam_ids, cams, box, keep.get("view"))
+    return exp
+
+
+def explain_inference(
+    clf: Classifier,
+    inf: Inference,
+    box: Box,
+    top_k: int = 3,
+    extra: list[int] | None = None,
+    view: np.ndarray | None = None,
+) -> Explanation:
+    """Top-k and the CAMs of top-1 and `extra` from one inference."""
+    idx = cam_math.top_k(inf.scores, top_k)
+    top = [(int(i), clf.labels[int(i)], float(inf.scores[i])) for i in idx]
+    cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
+    return Explanation(top, cam_ids, clf.cams(inf, cam_ids), box, view)
 
 
 def to_json(image: str, model: str, exp: Explanation, labels: list[str]) -> dict[str, Any]:

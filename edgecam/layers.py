@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from .errors import EdgecamError
-from .model import Classifier, _deq
+from .model import Classifier, dequantized
 from .preprocess import to_input
 from .render import heat_u8, jet_u8, write_image
 from .runtime import make_interpreter
@@ -74,7 +74,7 @@ def activations(clf: Classifier, frame: np.ndarray, found: list[Stage]) -> list[
     it.set_tensor(it.get_input_details()[0]["index"], x)
     it.invoke()
     t = clf.graph.tensors
-    return [_deq(t[s.index].quant, it.get_tensor(s.index))[0].mean(axis=-1) for s in found]
+    return [dequantized(t[s.index].quant, it.get_tensor(s.index))[0].mean(axis=-1) for s in found]
 
 
 def picture(frame: np.ndarray, found: list[Stage], maps: list[np.ndarray], panel_width: int = 320) -> np.ndarray:

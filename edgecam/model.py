@@ -113,9 +113,13 @@ class Classifier:
     def feature_shape(self) -> tuple[int, ...]:
         return self.graph.tensors[self.head.feature].shape
 
-    def raw_outputs(self, x: np.ndarray) -> dict[int, np.ndarray]:
-        """One invoke(); the raw (still quantized) score, logit and feature tensors by index."""
-        it = self.interpreter
+    def raw_outputs(self, x: np.ndarray, interpreter: Any = None) -> dict[int, np.ndarray]:
+        """One invoke(); the raw (still quantized) score, logit and feature tensors by index.
+
+        `interpreter`: another interpreter of the same prepared model (one with a resized
+        input, say) in place of the classifier's own.
+        """
+        it = interpreter or self.interpreter
         it.set_tensor(self._input_index, x)
         try:
             it.invoke()
@@ -123,14 +127,14 @@ class Classifier:
             raise EdgecamError(f"{self.path}: inference failed: {' '.join(str(exc).split())[:300]}") from None
         return {t: it.get_tensor(t) for t in {self.head.output, self.head.logits, self.head.feature}}
 
-    def infer(self, x: np.ndarray) -> Inference:
-        raw = self.raw_outputs(x)
-        logits = _deq(self._logit_q, raw[self.head.logits]).reshape(-1)
+    def infer(self, x: np.ndarray, interpreter: Any = None) -> Inference:
+        raw = self.raw_outputs(x, interpreter)
+        logits = dequantized(self._logit_q, raw[self.head.logits]).reshape(-1)
         if self.head.softmax:
-            scores = _deq(self._score_q, raw[self.head.output]).reshape(-1)
+            scores = dequantized(self._score_q, raw[self.head.output]).reshape(-1)
         else:
             scores = cam_math.softmax(logits)
-        features = _deq(self._feature_q, raw[self.head.feature])[0]
+        features = dequantized(self._feature_q, raw[self.head.feature])[0]
         return Inference(logits, scores, features)
 
     def cams(self, inference: Inference, classes: list[int]) -> np.ndarray:
@@ -174,7 +178,8 @@ class Classifier:
         }
 
 
-def _deq(q: Quantization, raw: np.ndarray) -> np.ndarray:
+def dequantized(q: Quantization, raw: np.ndarray) -> np.ndarray:
+    """Real values of a raw output tensor; float tensors pass through as float32."""
     return q.dequantize(raw) if q.quantized else raw.astype(np.float32)
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .model import Classifier
+from . import cam as cam_math
+from .model import Classifier, dequantized
 from .preprocess import InputSpec
 
 log = logging.getLogger("edgecam")
@@ -112,10 +113,5 @@ def _batched(clf: Classifier, batch: np.ndarray) -> np.ndarray | None:
         return None
     if out.shape[0] != len(batch):
         return None
-    q = clf.graph.tensors[clf.head.output].quant
-    scores = q.dequantize(out) if q.quantized else out.astype(np.float32)
-    scores = scores.reshape(len(batch), -1)
-    if not clf.head.softmax:
-        e = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores = e / e.sum(axis=1, keepdims=True)
-    return scores.astype(np.float32)
+    scores = dequantized(clf.graph.tensors[clf.head.output].quant, out).reshape(len(batch), -1)
+    return scores if clf.head.softmax else cam_math.softmax(scores)

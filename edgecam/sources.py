@@ -399,26 +399,6 @@ def make_source(
     raise EdgecamError(f"source.kind: unknown source {kind!r}")
 
 
-def open_source(
-    kind: str,
-    uri: str,
-    model_size: tuple[int, int],
-    display_size: tuple[int, int] | None,
-    capture_size: tuple[int, int],
-    repeat: bool = True,
-    fps: float = 0.0,
-) -> Source:
-    """The configured source, opened. 'auto' tries picamera2, then the first V4L2 camera."""
-    if kind == "auto":
-        return open_auto(model_size, display_size, capture_size)
-    src = make_source(kind, uri, model_size, display_size, capture_size, repeat, fps)
-    try:
-        src.open()
-    except SourceError as exc:
-        raise EdgecamError(f"source: {exc}") from None
-    return src
-
-
 def open_auto(
     model_size: tuple[int, int], display_size: tuple[int, int] | None, capture_size: tuple[int, int]
 ) -> Source:

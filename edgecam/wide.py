@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from . import cam as cam_math
-from .explain import Explanation, explain_frame
-from .model import Classifier, _deq
+from .explain import Explanation, explain_frame, explain_inference
+from .model import Classifier
 from .preprocess import to_input
 from .runtime import make_interpreter
 
@@ -61,16 +60,4 @@ class WideCam:
             return explain_frame(clf, frame, top_k, extra)
         spec = replace(clf.input, height=h, width=w)
         x, box = to_input(frame, spec)
-        index = it.get_input_details()[0]["index"]
-        it.set_tensor(index, x)
-        it.invoke()
-        head, t = clf.head, clf.graph.tensors
-        logits = _deq(t[head.logits].quant, it.get_tensor(head.logits)).reshape(-1)
-        scores = (_deq(t[head.output].quant, it.get_tensor(head.output)).reshape(-1) if head.softmax
-                  else cam_math.softmax(logits))
-        features = _deq(t[head.feature].quant, it.get_tensor(head.feature))[0]
-        idx = cam_math.top_k(scores, top_k)
-        top = [(int(i), clf.labels[int(i)], float(scores[i])) for i in idx]
-        cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
-        return Explanation(top, cam_ids, cam_math.class_maps(features, head.weights, cam_ids), box)
-
+        return explain_inference(clf, clf.infer(x, it), box, top_k, extra)

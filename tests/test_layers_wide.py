@@ -66,10 +66,10 @@ def test_wide_cam_is_7x13_for_16_9_and_keeps_the_logit_identity() -> None:
     assert exp.top[0][1] == "Egyptian cat"
     # mean(CAM) + bias is the logit the wide inference computed: the map explains that score.
     it = wide.interpreters[(224, 398)]
-    from edgecam.model import _deq
+    from edgecam.model import dequantized
 
     t = clf.graph.tensors[clf.head.logits]
-    logit = _deq(t.quant, it.get_tensor(clf.head.logits)).reshape(-1)[exp.cam_ids[0]]
+    logit = dequantized(t.quant, it.get_tensor(clf.head.logits)).reshape(-1)[exp.cam_ids[0]]
     assert abs(exp.cams[0].mean() + clf.head.bias[exp.cam_ids[0]] - logit) <= float(t.quant.scale[0])
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import IMAGES
 
-from edgecam import sources
+from edgecam.config import Config
 from edgecam.errors import EdgecamError
+from edgecam.run import open_capture
 from edgecam.sources import (
     FolderSource,
     OpenCVSource,
@@ -576,29 +577,38 @@ def test_v4l2_devices_number_order(tmp_path: Path) -> None:
     assert v4l2_devices(str(tmp_path / "video*")) == [str(tmp_path / f"video{n}") for n in (0, 2, 10)]
 
 
+def _config(kind: str, uri: str = "", repeat: bool = True) -> Config:
+    cfg = Config()
+    cfg.source.kind, cfg.source.uri, cfg.source.repeat = kind, uri, repeat
+    return cfg
+
+
 @pytest.mark.skipif(
     os.path.exists("/dev/video0") or importlib.util.find_spec("picamera2") is not None,
     reason="this machine has a camera",
 )
 def test_auto_without_any_camera() -> None:
     with pytest.raises(EdgecamError) as info:
-        sources.open_source("auto", "", (224, 224), None, (640, 480))
+        open_capture(_config("auto"), (224, 224))
     msg = str(info.value)
     assert "picamera2" in msg and "V4L2" in msg
     assert "source.kind" in msg
 
 
-def test_open_source_kinds(folder: Path) -> None:
-    src = sources.open_source("folder", str(folder), (224, 224), None, (640, 480), repeat=False)
-    assert isinstance(src, FolderSource) and src.read().name == "bird.bmp"
+def test_open_capture_kinds(folder: Path) -> None:
+    capture = open_capture(_config("folder", str(folder), repeat=False), (224, 224))
+    assert isinstance(capture.source, FolderSource) and capture.source.read().name == "bird.bmp"
+    assert not capture.needs_open and capture.stats.state == "starting"
     with pytest.raises(EdgecamError, match="unknown source 'webcam'"):
-        sources.open_source("webcam", "", (224, 224), None, (640, 480))
-    with pytest.raises(EdgecamError, match="not a directory"):
-        sources.open_source("folder", str(folder / "nope"), (224, 224), None, (640, 480))
+        open_capture(_config("webcam"), (224, 224))
+    # A folder is not going to appear by itself: fatal, unlike a camera.
+    with pytest.raises(EdgecamError, match=r"^source.uri: .*nope: not a directory"):
+        open_capture(_config("folder", str(folder / "nope")), (224, 224))
 
 
 @pytest.mark.skipif(os.path.exists("/dev/video5"), reason="this machine has /dev/video5")
-def test_open_source_missing_device_is_one_edgecam_error() -> None:
-    with pytest.raises(EdgecamError) as info:
-        sources.open_source("opencv", "/dev/video5", (224, 224), None, (640, 480))
-    assert str(info.value).startswith("source: ") and "/dev/video5 does not exist" in str(info.value)
+def test_missing_camera_is_not_fatal_but_degraded() -> None:
+    capture = open_capture(_config("opencv", "/dev/video5"), (224, 224))
+    assert capture.needs_open
+    assert capture.stats.state == "degraded"
+    assert "/dev/video5 does not exist" in capture.stats.reason
