@@ -300,8 +300,12 @@ class Spool:
 
     # -- the sender ---------------------------------------------------------------------
     def after(self, cursor: int, limit: int) -> list[Message]:
-        """Up to `limit` messages with id > cursor, oldest first."""
+        """Up to `limit` messages with id > cursor, oldest first; none past its kind's age."""
         with self._lock:
+            # Appends expire only their own kind; a kind that stopped coming is expired here.
+            now = time.time()
+            for kind in self.quotas:
+                self._expire(kind, now)
             rows: list[Message] = []
             if self._db is not None:
                 try:

@@ -321,14 +321,27 @@ def test_age_quota(tmp_path: Path, spools: Callable[..., Spool]) -> None:
 
 def test_age_quota_drops_every_expired_message(tmp_path: Path, spools: Callable[..., Spool]) -> None:
     s = spools(tmp_path / "spool.db", quotas(result_age=60, overlay_age=60))
-    t0 = 1_000_000.0
+    t0 = time.time() - 30
     for i in range(5):
         s.append("result", "t", payload(i), 1, created=t0 + i)
-    ov = s.append("overlay", "o", payload(50), 1, created=t0)
+    ov = s.append("overlay", "o", payload(50), 1, created=t0 + 20)
     keep = s.append("result", "t", payload(5), 1, created=t0 + 10)
-    new = s.append("result", "t", payload(6), 1, created=t0 + 65)  # t0..t0+4 are now over 60 s old
-    assert all_ids(s) == [ov, keep, new]
+    # An append expires its own kind, against its own time: t0..t0+4 are over 60 s old at t0 + 65.
+    new = s.append("result", "t", payload(6), 1, created=t0 + 65)
     assert s.dropped == {"result": 5, "overlay": 0}
+    assert all_ids(s) == [ov, keep, new]
+
+
+def test_a_kind_that_stopped_coming_expires_when_read(tmp_path: Path, spools: Callable[..., Spool]) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_age=BIG, overlay_age=60))
+    now = time.time()
+    stale = s.append("overlay", "o", payload(0), 1, created=now - 120)
+    # Results keep coming, overlays stopped: the stale overlay must not be sent all the same.
+    results = [s.append("result", "t", payload(10 + i), 1, created=now) for i in range(3)]
+    assert stale is not None and s.counts()["waiting"] == 4
+    assert all_ids(s) == results
+    assert s.dropped == {"result": 0, "overlay": 1}
+    assert s.counts()["waiting"] == 3
 
 
 # --- kinds ----------------------------------------------------------------------------------------
