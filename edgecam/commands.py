@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import LoopConfig, coerce
-from .errors import EdgecamError
+from .errors import EdgecamError, shown
 from .labels import class_id
 
 MAX_BYTES = 4096
@@ -46,6 +46,8 @@ def parse(payload: bytes, labels: list[str]) -> Command:
         obj = json.loads(payload)
     except (UnicodeDecodeError, ValueError):
         raise CommandError("not JSON") from None
+    except RecursionError:
+        raise CommandError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise CommandError(f"a command is a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -94,13 +96,13 @@ def _check(obj: dict[str, Any], labels: list[str]) -> Command:
         return Command("set", rid, changes=changes)
     if name is None:
         raise CommandError("no 'cmd'")
-    raise CommandError(f"unknown command {str(name)[:40]!r}; known: explain, snapshot, set, ping")
+    raise CommandError(f"unknown command {shown(name)}; known: explain, snapshot, set, ping")
 
 
 def _no_extra(obj: dict[str, Any], allowed: set[str]) -> None:
     extra = set(obj) - allowed - {"cmd", "id"}
     if extra:
-        raise CommandError(f"unknown field {sorted(extra)[0][:40]!r} for {obj['cmd']}")
+        raise CommandError(f"unknown field {shown(sorted(extra)[0])} for {obj['cmd']}")
 
 
 def reply(rid: Any, ok: bool, **fields: Any) -> bytes:

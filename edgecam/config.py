@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgecamError
+from .errors import EdgecamError, shown
 
 DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
 ENV_PREFIX = "EDGECAM_"
@@ -150,15 +150,18 @@ def coerce(value: Any, f: dataclasses.Field, where: str, text: bool = False) -> 
     if text and isinstance(value, str) and kind is not str:
         value = _parse_text(value, kind, where)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise EdgecamError(f"{where}: {shown(value)} is out of range ({_range(meta)})") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise EdgecamError(f"{where}: expected {_type_name(kind)}, got {_type_name(type(value))} {value!r}")
+        raise EdgecamError(f"{where}: expected {_type_name(kind)}, got {_type_name(type(value))} {shown(value)}")
     if kind in (int, float):
         lo, hi = meta["lo"], meta["hi"]
         if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
-            raise EdgecamError(f"{where}: {value} is out of range ({_num(lo)}..{_num(hi)})")
+            raise EdgecamError(f"{where}: {shown(value)} is out of range ({_range(meta)})")
     if meta["choices"] and value not in meta["choices"]:
-        raise EdgecamError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
+        raise EdgecamError(f"{where}: {shown(value)} is not one of {', '.join(meta['choices'])}")
     return value
 
 
@@ -169,17 +172,21 @@ def _parse_text(text: str, kind: type, where: str) -> Any:
             return True
         if s.lower() in ("0", "false", "no", "off"):
             return False
-        raise EdgecamError(f"{where}: expected true or false, got {text!r}")
+        raise EdgecamError(f"{where}: expected true or false, got {shown(text)}")
     try:
         return kind(s)
     except ValueError:
-        raise EdgecamError(f"{where}: expected {_type_name(kind)}, got {text!r}") from None
+        raise EdgecamError(f"{where}: expected {_type_name(kind)}, got {shown(text)}") from None
 
 
 def _type_name(kind: type) -> str:
     return {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}.get(
         kind, kind.__name__
     )
+
+
+def _range(meta: Mapping[str, Any]) -> str:
+    return f"{_num(meta['lo'])}..{_num(meta['hi'])}"
 
 
 def _num(v: float | None) -> str:
@@ -191,7 +198,7 @@ def _apply(target: Any, values: Mapping[str, Any], path: str, section: str | Non
     for key, value in values.items():
         if key not in known:
             where = f"{path}: [{section}]" if section else path
-            raise EdgecamError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+            raise EdgecamError(f"{where}: unknown key {shown(key)}; known keys: {', '.join(known)}")
         setattr(target, key, coerce(value, known[key], f"{path}: {section + '.' if section else ''}{key}"))
 
 
@@ -199,19 +206,22 @@ def from_toml(text: str, where: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise EdgecamError(f"{where}: not valid TOML: {exc}") from None
+        raise EdgecamError(f"{where}: not valid TOML: {' '.join(str(exc).split())[:200]}") from None
+    except (ValueError, RecursionError) as exc:
+        # Python's own limits, met inside the TOML parser: a number of over 4,300 digits, deep nesting.
+        raise EdgecamError(f"{where}: not usable TOML: {' '.join(str(exc).split())[:200]}") from None
     cfg = Config()
     top: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise EdgecamError(f"{where}: [{key}] must be a table, got {value!r}")
+                raise EdgecamError(f"{where}: [{key}] must be a table, got {shown(value)}")
             _apply(getattr(cfg, key), value, where, key)
         elif key in _fields(cfg):
             top[key] = value
         else:
             raise EdgecamError(
-                f"{where}: unknown key {key!r}; top level takes device_id and the tables [{'], ['.join(SECTIONS)}]"
+                f"{where}: unknown key {shown(key)}; top level takes device_id and the tables [{'], ['.join(SECTIONS)}]"
             )
     _apply(cfg, top, where, None)
     return cfg
@@ -272,17 +282,25 @@ def validate(cfg: Config) -> None:
         raise EdgecamError("mqtt.password and mqtt.password_file are both set; keep one")
     for key in ("password_file", "ca_file", "cert_file", "key_file"):
         value = getattr(m, key)
-        if value and not Path(value).is_file():
-            raise EdgecamError(f"mqtt.{key}: {value}: no such file")
+        try:
+            found = not value or Path(value).is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
+            why = getattr(exc, "strerror", None) or exc
+            raise EdgecamError(f"mqtt.{key}: {shown(value)}: not a usable path ({why})") from None
+        if not found:
+            raise EdgecamError(f"mqtt.{key}: {shown(value, 200)}: no such file")
     if bool(m.cert_file) != bool(m.key_file):
         raise EdgecamError("mqtt.cert_file and mqtt.key_file go together")
     ha = cfg.homeassistant.prefix
     if not ha or any(c in ha for c in "+#") or ha.strip() != ha or ha.startswith("/") or ha.endswith("/"):
-        raise EdgecamError(f"homeassistant.prefix: {ha!r} is not a usable topic prefix")
+        raise EdgecamError(f"homeassistant.prefix: {shown(ha)} is not a usable topic prefix")
     for part in (cfg.device, m.prefix):
-        if not part or any(c in part for c in "/+#") or part.strip() != part:
+        if not part or any(c in part for c in "/+#") or part.strip() != part or not part.isprintable():
             which = "device_id" if part == cfg.device else "mqtt.prefix"
-            raise EdgecamError(f"{which}: {part!r} cannot be an MQTT topic level (empty, or holds / + # or spaces)")
+            raise EdgecamError(
+                f"{which}: {shown(part)} cannot be an MQTT topic level (empty, or holds / + #, "
+                "control characters or surrounding spaces)"
+            )
     lp = cfg.loop
     if bool(lp.heatmap_width) != bool(lp.heatmap_height):
         raise EdgecamError("loop.heatmap_width and loop.heatmap_height go together (both 0 for the raw map)")
@@ -314,7 +332,9 @@ def to_toml(cfg: Config, redact: bool = True) -> str:
             out.append(f"{key} = {to_toml_value(v)}")
         return out
 
-    parts = [f"device_id = {to_toml_value(cfg.device_id)}  # effective: {cfg.device}"]
+    # The comment runs to the end of the line: an id that is not plainly printable is shown escaped.
+    effective = cfg.device if cfg.device.isprintable() else to_toml_value(cfg.device)
+    parts = [f"device_id = {to_toml_value(cfg.device_id)}  # effective: {effective}"]
     for section in SECTIONS:
         parts += ["", f"[{section}]", *lines(getattr(cfg, section))]
     return "\n".join(parts) + "\n"

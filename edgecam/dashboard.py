@@ -79,7 +79,7 @@ class Hub:
     def _reply(self, payload: bytes) -> None:
         try:
             obj = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(obj, dict) and isinstance(obj.get("id"), str):
             with self.reply_cond:
@@ -240,7 +240,7 @@ class Handler(BaseHTTPRequestHandler):
             dev, cmd = body["device"], body["cmd"]
             if not isinstance(dev, str) or not DEVICE_ID.fullmatch(dev) or not isinstance(cmd, dict):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._json(400, {"ok": False, "error": 'expected {"device": ID, "cmd": {...}}'})
             return
         rid = "dash-" + secrets.token_hex(6)

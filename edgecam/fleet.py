@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import shown
 from .payload import CONTRACT_VERSION, PayloadError, decode_cam
 from .watch import check_result
 
@@ -138,6 +139,8 @@ class Fleet:
             obj = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
         except (UnicodeDecodeError, ValueError):
             raise PayloadError("not JSON (or numbers that are not finite)") from None
+        except RecursionError:
+            raise PayloadError("JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise PayloadError("not a JSON object")
         return obj
@@ -145,7 +148,7 @@ class Fleet:
     def _result(self, dev: str, payload: bytes) -> dict[str, Any]:
         obj = check_result(self._json(payload))
         if obj["device"] != dev:
-            raise PayloadError(f"result of device {str(obj['device'])[:40]!r} on {dev}'s topic")
+            raise PayloadError(f"result of device {shown(obj['device'])} on {dev}'s topic")
         cam = obj["cam"]
         decode_cam(cam)  # a map that does not decode is not shown
         top = [

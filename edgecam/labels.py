@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import EdgecamError
+from .errors import EdgecamError, shown
 
 _NUMBERED = re.compile(r"^\s*(\d+)[\s:]+(.*\S)\s*$")
 
@@ -54,7 +54,7 @@ def class_id(query: str | int, labels: list[str]) -> int:
     if isinstance(query, int) or (text.isascii() and text.isdigit()):
         i = int(query)
         if not 0 <= i < len(labels):
-            raise EdgecamError(f"class id {i} is out of range (0..{len(labels) - 1})")
+            raise EdgecamError(f"class id {shown(i)} is out of range (0..{len(labels) - 1})")
         return i
     q = str(query).strip()
     if q in labels:
@@ -68,5 +68,5 @@ def class_id(query: str | int, labels: list[str]) -> int:
     if len(syn) == 1:
         return syn[0]
     if len(syn) > 1:
-        raise EdgecamError(f"class {q!r} is ambiguous: " + ", ".join(f"{i} {labels[i]!r}" for i in syn[:5]))
-    raise EdgecamError(f"class {q!r} is not a label of this model")
+        raise EdgecamError(f"class {shown(q)} is ambiguous: " + ", ".join(f"{i} {labels[i]!r}" for i in syn[:5]))
+    raise EdgecamError(f"class {shown(q)} is not a label of this model")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .errors import shown
+
 CONTRACT_VERSION = 1
+
+
+# Maps are 7x7 for MobileNetV2, or the size the config asks for; anything far bigger is not ours.
+MAX_SIDE = 4096
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class PayloadError(ValueError):
@@ -28,8 +36,14 @@ def encode_cam(cam: np.ndarray) -> dict[str, Any]:
     if cam.ndim != 2 or cam.size == 0:
         raise ValueError(f"a CAM is a non-empty 2-D map, got shape {cam.shape}")
     lo, hi = float(cam.min()), float(cam.max())
-    span = hi - lo
-    pixels = np.zeros(cam.shape, np.uint8) if span <= 0 else np.rint((cam - lo) * (255.0 / span)).astype(np.uint8)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("a CAM must be finite")
+    span = hi - lo  # in float64: float32 would overflow for maps spanning over ~1.3e36
+    pixels = (
+        np.zeros(cam.shape, np.uint8)
+        if span <= 0
+        else np.rint((cam.astype(np.float64) - lo) * (255.0 / span)).astype(np.uint8)
+    )
     ok, png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise ValueError("PNG encoding failed")
@@ -46,13 +60,22 @@ def decode_cam(obj: dict[str, Any]) -> np.ndarray:
     """The raw map back from {w, h, min, max, png}, within one step (max - min) / 255."""
     try:
         data = base64.b64decode(obj["png"], validate=True)
-        lo, hi, w, h = float(obj["min"]), float(obj["max"]), int(obj["w"]), int(obj["h"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(f"cam: {exc}") from None
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        lo, hi, w, h = float(obj["min"]), float(obj["max"]), obj["w"], obj["h"]
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise PayloadError(f"cam: {' '.join(str(exc).split())[:120]}") from None
+    for name, v in (("w", w), ("h", h)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIDE:
+            raise PayloadError(f"cam: {name} must be a whole number from 1 to {MAX_SIDE}, got {shown(v)}")
+    if not (abs(lo) <= FLOAT32_MAX and abs(hi) <= FLOAT32_MAX):
+        raise PayloadError(f"cam: min and max must be finite 32-bit floats, got {shown(lo)} and {shown(hi)}")
+    try:
+        # A PNG header can claim any size; OpenCV refuses the absurd ones with an exception.
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    except cv2.error:
+        pixels = None
     if pixels is None or pixels.ndim != 2 or pixels.shape != (h, w) or pixels.dtype != np.uint8:
         raise PayloadError(f"cam: png is not an 8-bit {w}x{h} grayscale image")
-    return (lo + (hi - lo) * pixels.astype(np.float32) / 255.0).astype(np.float32)
+    return (lo + (hi - lo) * pixels.astype(np.float64) / 255.0).astype(np.float32)
 
 
 def iso_ms(ts: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 from typing import Any
@@ -18,7 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .cam import normalize
-from .errors import EdgecamError
+from .errors import EdgecamError, shown
 from .payload import CONTRACT_VERSION, PayloadError, decode_cam
 
 SHADES = " ░▒▓█"
@@ -36,7 +37,7 @@ def check_result(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise PayloadError("not a JSON object")
     if obj.get("v") != CONTRACT_VERSION or isinstance(obj.get("v"), bool):
-        raise PayloadError(f"contract version {obj.get('v')!r}, this edgecam reads {CONTRACT_VERSION}")
+        raise PayloadError(f"contract version {shown(obj.get('v'))}, this edgecam reads {CONTRACT_VERSION}")
     for key in ("device", "seq", "top", "cam"):
         if key not in obj:
             raise PayloadError(f"no {key!r}")
@@ -51,7 +52,13 @@ def check_result(obj: Any) -> dict[str, Any]:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite JSON number (a huge integer is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def result_line(obj: dict[str, Any]) -> str:
@@ -118,7 +125,7 @@ def run_watch(args: argparse.Namespace) -> int:
                 raise PayloadError(f"{len(msg.payload)} bytes, over {MAX_PAYLOAD}")
             obj = check_result(json.loads(msg.payload))
             cam = decode_cam(obj["cam"]) if args.heatmap else None
-        except (ValueError, PayloadError) as exc:  # JSONDecodeError is a ValueError
+        except (ValueError, PayloadError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             print(f"{msg.topic}: bad result: {str(exc)[:200]}", file=sys.stderr, flush=True)
             return
         print(result_line(obj), flush=True)
