@@ -119,7 +119,7 @@ class Classifier:
         `interpreter`: another interpreter of the same prepared model (one with a resized
         input, say) in place of the classifier's own.
         """
-        it = interpreter or self.interpreter
+        it = self.interpreter if interpreter is None else interpreter
         it.set_tensor(self._input_index, x)
         try:
             it.invoke()
