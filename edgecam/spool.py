@@ -82,6 +82,7 @@ class Spool:
         self._retry_at = 0.0
         self.reserve = 0  # bytes left free on the spool's filesystem, set on first use
         self.waiting_at_start = 0
+        self._expired_at = 0.0  # when after() last expired every kind
         if path is not None:
             self._open(path)
 
@@ -306,10 +307,13 @@ class Spool:
     def after(self, cursor: int, limit: int) -> list[Message]:
         """Up to `limit` messages with id > cursor, oldest first; none past its kind's age."""
         with self._lock:
-            # Appends expire only their own kind; a kind that stopped coming is expired here.
+            # Appends expire only their own kind; a kind that stopped coming is expired here,
+            # once a second at most (the sender reads after every result).
             now = time.time()
-            for kind in self.quotas:
-                self._expire(kind, now)
+            if abs(now - self._expired_at) >= 1.0:
+                self._expired_at = now
+                for kind in self.quotas:
+                    self._expire(kind, now)
             rows: list[Message] = []
             if self._db is not None:
                 try:
