@@ -170,18 +170,21 @@ class Daemon:
         self.inbox.append(cmd)
 
     def apply_commands(self) -> None:
+        # Applied between frames; `seq` in the reply is the last result made before, so a
+        # consumer knows exactly which results the command shaped (those after it).
         while self.inbox:
             cmd = self.inbox.popleft()
             if cmd.cmd == "explain" and cmd.cls is not None:
                 self.requests.classes[cmd.cls] = cmd.frames
                 self.reply(reply(cmd.id, True, cmd="explain", **{"class": cmd.cls}, label=self.clf.labels[cmd.cls],
-                                 frames=cmd.frames))
+                                 frames=cmd.frames, seq=self.seq))
             elif cmd.cmd == "snapshot":
                 self.snapshot.set()
-                self.reply(reply(cmd.id, True, cmd="snapshot"))
+                self.reply(reply(cmd.id, True, cmd="snapshot", seq=self.seq))
             elif cmd.cmd == "set":
                 self.set_knobs(cmd.changes)
-                self.reply(reply(cmd.id, True, cmd="set", **{k: getattr(self.cfg.loop, k) for k in cmd.changes}))
+                self.reply(reply(cmd.id, True, cmd="set", **{k: getattr(self.cfg.loop, k) for k in cmd.changes},
+                                 seq=self.seq))
 
     def set_knobs(self, changes: dict[str, Any]) -> None:
         lp = self.cfg.loop

@@ -129,8 +129,9 @@ class MqttSink:
         self.client.suppress_exceptions = True
         self._cond = threading.Condition()
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
-        self._acked: list[int] = []  # mids acknowledged, for the sender to delete
-        self._early: set[int] = set()  # acks that beat publish() returning their mid
+        # Every mid paho reports as sent or acknowledged, results or not: the sender keeps those
+        # of its own in-flight results and ignores the rest (overlays, stats, replies, status).
+        self._acked: list[int] = []
         self._cursor = 0  # highest spool id handed to paho
         self._fresh = True  # the spool may hold something after the cursor
         self._gate: int | None = None  # mid of the status message published on connect
@@ -248,11 +249,13 @@ class MqttSink:
     def _settle(self, acked: list[int]) -> None:
         done = []
         with self._cond:
+            # A mid not in flight is another kind of message. It cannot be a result's ack
+            # that beat its publish() returning: _inflight is filled on this same thread
+            # before it reads _acked again. Keeping such mids "for later" would mark a result
+            # delivered, unsent, once paho's ids wrap round at 65535.
             for mid in acked:
                 sid = self._inflight.pop(mid, None)
-                if sid is None:
-                    self._early.add(mid)
-                else:
+                if sid is not None:
                     done.append(sid)
         if done:
             self.spool.delete(done)
@@ -279,15 +282,7 @@ class MqttSink:
                 self.spool.delete([msg.id])
                 continue
             with self._cond:
-                if info.mid in self._early:
-                    self._early.discard(info.mid)
-                    done = True
-                else:
-                    self._inflight[info.mid] = msg.id
-                    done = False
-            if done:
-                self.spool.delete([msg.id])
-                self._counts["acked"] += 1
+                self._inflight[info.mid] = msg.id
 
     def _wake(self) -> None:
         with self._cond:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,16 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float
         env=full_env,
         cwd=ROOT,
     )
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 20.0, step: float = 0.002) -> bool:
+    """Poll until pred() is true or the time is up (then one last look)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
 
 
 def cpu_seconds(pid: int) -> float:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from edgecam.capture import Backoff, Capture, LatestFrame
 from edgecam.sources import Frame, SourceEnded, SourceError
@@ -21,15 +22,6 @@ DEADLINE = 20.0  # seconds; only ever reached when something is broken
 
 def make_frame(n: int) -> Frame:
     return Frame(np.full((2, 2, 3), n % 256, np.uint8), time.time(), time.monotonic(), name=str(n))
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = DEADLINE) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
 
 
 def take_frame(cap: Capture, timeout: float = DEADLINE) -> Frame:

@@ -63,7 +63,8 @@ def test_commands_do_what_they_say(broker: Broker, daemons, cat_folder: Path) ->
     assert ok["ok"] and ok["class"] == 282 and ok["label"].startswith("tabby") and ok["frames"] == 2
     assert rec.wait_for(lambda m: sum("cams" in json.loads(p) for t, p, _ in m if t.endswith("/result")) >= 2, 20)
     with_extra = [r for r in rec.results() if "cams" in r]
-    assert len(with_extra) == 2  # exactly the next two results, then back to the top-1 only
+    # Exactly the next two results, then back to the top-1 only.
+    assert [r["seq"] for r in with_extra] == [ok["seq"] + 1, ok["seq"] + 2]
     ref = run_cli("explain", "--json", "--class", "tabby", cat_folder / "cat.bmp")
     ref_map = np.array(json.loads(ref.stdout)["cams"][1]["map"], np.float32)
     for r in with_extra:
@@ -82,10 +83,11 @@ def test_commands_do_what_they_say(broker: Broker, daemons, cat_folder: Path) ->
     publish(broker.port, cmd, json.dumps({"cmd": "set", "publish": "change", "heartbeat": 600, "id": "c"}))
     changed = reply_to(rec, "c")
     assert changed["ok"] and changed["publish"] == "change" and changed["heartbeat"] == 600
-    time.sleep(1)  # the result after the change (a first decision always publishes)
-    quiet = len(rec.results())
-    time.sleep(3)
-    assert len(rec.results()) == quiet, "the same picture again and again is no change"
+    # After the change, the first decision publishes; the same picture again and again is no change.
+    after = lambda: [r["seq"] for r in rec.results() if r["seq"] > changed["seq"]]  # noqa: E731
+    assert rec.wait_for(lambda _m: bool(after()), 20)
+    time.sleep(4)  # 16 frames at 4 fps
+    assert after() == [changed["seq"] + 1], after()
 
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait(30) == 0, d.log()
@@ -123,17 +125,34 @@ def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_
     from broker import paho_client
 
     client = paho_client(broker.port)
-    for i in range(300):
-        client.publish("edgecam/dev-f/cmd", json.dumps({"cmd": "ping", "id": i}), qos=0)
+    # QoS 1, so the broker may not thin the flood out itself (QoS 0 it may drop under load).
+    sent = [client.publish("edgecam/dev-f/cmd", json.dumps({"cmd": "ping", "id": i}), qos=1) for i in range(300)]
+    for info in sent:
+        info.wait_for_publish(30)
+    assert all(info.is_published() for info in sent)
     client.disconnect()
     client.loop_stop()
-    time.sleep(3)
-    answered = len(replies(rec))
-    assert 10 <= answered <= 30, answered  # a burst of 10, then 2 a second
+
+    # Wait for the daemon's own account of all 300 rather than a fixed time: on a busy machine
+    # the flood can take seconds to arrive, and the bucket refills (2 a second) meanwhile.
+    def counted(m: list[tuple[str, bytes, bool]]) -> dict[str, int] | None:
+        for t, p, _ in reversed(m):
+            if t.endswith("/stats"):
+                c = json.loads(p)["commands"]
+                return c if c["accepted"] + c["dropped"] >= 300 else None
+        return None
+
+    assert rec.wait_for(lambda m: counted(m) is not None, 30), d.log()
+    seen = counted(rec.messages)
+    assert seen is not None and seen["accepted"] + seen["dropped"] == 300 and seen["rejected"] == 0, seen
+    assert 10 <= seen["accepted"] <= 50 and seen["dropped"] >= 250, seen  # a burst of 10, then 2 a second
+    # Every accepted ping is answered, and only those.
+    assert rec.wait_for(lambda m: len(_replies(m)) >= seen["accepted"], 15), (len(replies(rec)), seen, d.log())
+    time.sleep(0.5)
+    assert sorted(r["id"] for r in replies(rec)) == sorted(set(r["id"] for r in replies(rec)))
+    assert len(replies(rec)) == seen["accepted"] and all(r["ok"] for r in replies(rec))
     count = len(rec.results())
     assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t.endswith("/result")]) >= count + 3, 20)
-    assert rec.wait_for(lambda m: any(json.loads(p)["commands"]["dropped"] >= 250
-                                      for t, p, _ in m if t.endswith("/stats")), 20)
     assert d.log().count("commands: too many") <= 2
     rec.close()
 

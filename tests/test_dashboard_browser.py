@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,22 @@ def tile(drv: Any, device: str) -> Any:
     return drv.find_element("css selector", f'.tile[data-device="{device}"]')
 
 
+# The page re-renders a tile on every result, so an element found a moment ago may be gone by
+# the next WebDriver call. These read in one script run, which the page cannot interleave.
+def attrs(drv: Any, css: str, name: str) -> list[str | None]:
+    return drv.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.getAttribute(arguments[1]));", css, name)
+
+
+def attr(drv: Any, css: str, name: str) -> str | None:
+    found = attrs(drv, css, name)
+    return found[0] if found else None
+
+
+def tile_attr(drv: Any, device: str, name: str) -> str | None:
+    return attr(drv, f'.tile[data-device="{device}"]', name)
+
+
 def shot(drv: Any, name: str) -> None:
     SHOTS.mkdir(exist_ok=True)
     drv.save_screenshot(str(SHOTS / f"dashboard-{name}.png"))
@@ -101,16 +118,15 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         wait(lambda: len(browser.find_elements("css selector", ".tile[data-seq]:not([data-seq=''])")) == 2, 60,
              "two tiles with results")
         # The labels explain gives for the same pictures.
-        assert tile(browser, "yard-cam").get_attribute("data-top1") == explained(cats / "cat.bmp")
-        assert tile(browser, "aviary-cam").get_attribute("data-top1") == explained(parrots / "parrot.jpg")
-        assert [t.get_attribute("data-device") for t in browser.find_elements("css selector", ".tile")] == [
+        assert tile_attr(browser, "yard-cam", "data-top1") == explained(cats / "cat.bmp")
+        assert tile_attr(browser, "aviary-cam", "data-top1") == explained(parrots / "parrot.jpg")
+        assert attrs(browser, ".tile", "data-device") == [
             "aviary-cam", "yard-cam"]
         for dev in ("yard-cam", "aviary-cam"):
-            bars = tile(browser, dev).find_elements("css selector", ".bar")
-            assert len(bars) == 3
+            assert len(attrs(browser, f'.tile[data-device="{dev}"] .bar', "class")) == 3
         # Live updates, pushed: the sequence number moves without a reload.
-        seq = int(tile(browser, "yard-cam").get_attribute("data-seq"))
-        wait(lambda: int(tile(browser, "yard-cam").get_attribute("data-seq")) >= seq + 2, 30, "newer results")
+        seq = int(tile_attr(browser, "yard-cam", "data-seq"))
+        wait(lambda: int(tile_attr(browser, "yard-cam", "data-seq")) >= seq + 2, 30, "newer results")
         # No overlays from yard-cam: its decoded heatmap, coloured, over a neutral background.
         coloured = browser.execute_script(
             "const c = document.querySelector('.tile[data-device=\"yard-cam\"] canvas');"
@@ -126,19 +142,20 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         shot(browser, "fleet")
 
         # The detail view: timeline, large heatmap, timings, and a snapshot asked of the device.
-        tile(browser, "yard-cam").click()
+        wait(lambda: tile(browser, "yard-cam").click() is None, 10, "a click on yard-cam's tile")
         wait(lambda: "open" in browser.find_element("id", "detail").get_attribute("class"), 10, "the detail view")
         wait(lambda: browser.find_elements("css selector", "#timeline div[data-label]"), 10, "the timeline")
-        assert browser.find_element("css selector", "#timeline div[data-label]").get_attribute("data-label") == \
+        assert attr(browser, "#timeline div[data-label]", "data-label") == \
             explained(cats / "cat.bmp")
-        assert len(browser.find_elements("css selector", "#d-times tr")) >= 5
+        assert len(attrs(browser, "#d-times tr", "class")) >= 5
         assert browser.find_element("id", "controls").is_displayed()
         browser.find_element("id", "c-class").send_keys("tabby")
         browser.find_element("id", "c-explain").click()
         wait(lambda: browser.find_element("id", "reply").text.startswith("ok"), 20, "the explain reply")
         assert '"class":282' in browser.find_element("id", "reply").text.replace(" ", "")
         browser.find_element("id", "c-snapshot").click()
-        wait(lambda: browser.find_element("id", "reply").text == 'ok: {"cmd":"snapshot"}', 20, "the snapshot reply")
+        wait(lambda: re.fullmatch(r'ok: \{"cmd":"snapshot","seq":\d+\}', browser.find_element("id", "reply").text), 20,
+             "the snapshot reply")
         shot(browser, "detail")
         browser.find_element("id", "d-close").click()
         wait(lambda: browser.execute_script(
@@ -150,25 +167,25 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         publish(broker.port, "edgecam/yard-cam/result", json.dumps({"v": 2, "device": "yard-cam"}))
         publish(broker.port, "edgecam/ghost/result", b"x" * 300_000)
         publish(broker.port, "edgecam/yard-cam/status", b"on fire")
-        seq = int(tile(browser, "yard-cam").get_attribute("data-seq"))
-        wait(lambda: int(tile(browser, "yard-cam").get_attribute("data-seq")) > seq, 30, "results after bad data")
+        seq = int(tile_attr(browser, "yard-cam", "data-seq"))
+        wait(lambda: int(tile_attr(browser, "yard-cam", "data-seq")) > seq, 30, "results after bad data")
         assert dash.poll() is None
-        assert len(browser.find_elements("css selector", ".tile")) == 2
+        assert len(attrs(browser, ".tile", "class")) == 2
 
         # A device that stops: offline from its status; one that goes quiet: stale.
         aviary.proc.send_signal(signal.SIGTERM)
-        wait(lambda: tile(browser, "aviary-cam").get_attribute("data-status") == "offline", 30, "aviary offline")
+        wait(lambda: tile_attr(browser, "aviary-cam", "data-status") == "offline", 30, "aviary offline")
         os.kill(yard.proc.pid, signal.SIGSTOP)
         try:
-            wait(lambda: tile(browser, "yard-cam").get_attribute("data-status") == "stale", 30, "yard-cam stale")
+            wait(lambda: tile_attr(browser, "yard-cam", "data-status") == "stale", 30, "yard-cam stale")
             shot(browser, "offline-and-stale")
         finally:
             os.kill(yard.proc.pid, signal.SIGCONT)
-        wait(lambda: tile(browser, "yard-cam").get_attribute("data-status") == "online", 30, "yard-cam back")
+        wait(lambda: tile_attr(browser, "yard-cam", "data-status") == "online", 30, "yard-cam back")
 
         # A browser that reconnects gets the current state at once.
         browser.refresh()
-        wait(lambda: tile(browser, "aviary-cam").get_attribute("data-status") == "offline", 10, "state after reload")
+        wait(lambda: tile_attr(browser, "aviary-cam", "data-status") == "offline", 10, "state after reload")
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
     finally:
