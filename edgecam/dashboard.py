@@ -40,7 +40,7 @@ log = logging.getLogger("edgecam")
 
 KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 256
-COMMAND_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 10.0  # a device applies commands between frames, maybe over a slow cellular link
 MAX_BODY = 4096
 
 

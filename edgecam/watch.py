@@ -113,6 +113,9 @@ def run_watch(args: argparse.Namespace) -> int:
             done.set()
             return
         client.subscribe([(results, 1), (status, 1)])
+
+    def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _reasons: Any, _p: Any) -> None:
+        # Said once the broker confirmed: from here on, nothing published under the prefix is missed.
         print(f"watching {args.prefix}/{device}/ on {host}:{port}", file=sys.stderr, flush=True)
 
     def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -141,6 +144,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     client = paho.Client(CallbackAPIVersion.VERSION2)
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.on_message = on_message
     client.on_connect_fail = lambda *_: logging.getLogger("edgecam").warning(
         "watch: cannot reach %s:%d; retrying", host, port

@@ -120,7 +120,7 @@ def test_daemon_recovers_from_a_failing_camera(mode: str, classifier: Classifier
         # not a busy loop). Results of earlier frames may still be on their way (a slow runtime).
         pokes = cam.opens + cam.reads
         time.sleep(3)
-        made_since = [r for r in map(json.loads, _results(rec.messages)) if _epoch(r["ts"]) > failed_at + 0.3]
+        made_since = [r for r in map(json.loads, _results(rec.messages)) if _epoch(r["ts"]) > failed_at + 1.0]
         assert made_since == []
         assert cam.opens + cam.reads - pokes <= 25, f"{cam.opens + cam.reads - pokes} opens and reads in 3 s"
         if mode == "open_fails":

@@ -126,6 +126,7 @@ def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_
 
     client = paho_client(broker.port)
     # QoS 1, so the broker may not thin the flood out itself (QoS 0 it may drop under load).
+    began = time.monotonic()
     sent = [client.publish("edgecam/dev-f/cmd", json.dumps({"cmd": "ping", "id": i}), qos=1) for i in range(300)]
     for info in sent:
         info.wait_for_publish(30)
@@ -143,9 +144,11 @@ def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_
         return None
 
     assert rec.wait_for(lambda m: counted(m) is not None, 30), d.log()
+    took = time.monotonic() - began  # an upper bound on how long the bucket had to refill
     seen = counted(rec.messages)
     assert seen is not None and seen["accepted"] + seen["dropped"] == 300 and seen["rejected"] == 0, seen
-    assert 10 <= seen["accepted"] <= 50 and seen["dropped"] >= 250, seen  # a burst of 10, then 2 a second
+    # A burst of 10, then 2 a second.
+    assert 10 <= seen["accepted"] <= 10 + 2 * took + 1, (seen, took)
     # Every accepted ping is answered, and only those.
     assert rec.wait_for(lambda m: len(_replies(m)) >= seen["accepted"], 15), (len(replies(rec)), seen, d.log())
     time.sleep(0.5)
@@ -153,7 +156,7 @@ def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_
     assert len(replies(rec)) == seen["accepted"] and all(r["ok"] for r in replies(rec))
     count = len(rec.results())
     assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t.endswith("/result")]) >= count + 3, 20)
-    assert d.log().count("commands: too many") <= 2
+    assert d.log().count("commands: too many") <= 2 + took // 10  # one line per 10 s of flood at most
     rec.close()
 
 

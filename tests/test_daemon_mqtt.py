@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from broker import Broker, Recorder, free_port, publish
-from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli
+from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli, wait_until
 
 from edgecam.payload import decode_cam
 
@@ -134,6 +134,9 @@ def test_unreachable_broker_retries_then_delivers(tmp_path: Path, daemons) -> No
     env = {"EDGECAM_MQTT_RECONNECT_MIN": "1", "EDGECAM_MQTT_RECONNECT_MAX": "2"}
     d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", f"127.0.0.1:{port}", "--device-id", "dev-u",
                 env=env)
+    # Count from the first try: start-up (model, source) takes its own time on a busy machine.
+    assert wait_until(lambda: "cannot reach" in d.log() or d.proc.poll() is not None, 90, 0.1), d.log()
+    cpu0 = cpu_seconds(d.proc.pid)
     time.sleep(6)
     assert d.proc.poll() is None, d.log()
     log = d.log()
@@ -142,9 +145,9 @@ def test_unreachable_broker_retries_then_delivers(tmp_path: Path, daemons) -> No
     assert 1 <= len(tries) <= 6, log
     assert f"127.0.0.1:{port}" in tries[0] and "retrying in" in tries[0]
     assert "Traceback" not in log
-    cpu = cpu_seconds(d.proc.pid)
-    # Model load plus ~4 small frames a second: far from a spinning core.
-    assert cpu < 4.5, f"{cpu:.1f} s of CPU in 6 s"
+    cpu = cpu_seconds(d.proc.pid) - cpu0
+    # ~4 small frames a second and a reconnect now and then: far from a spinning core.
+    assert cpu < 3.0, f"{cpu:.1f} s of CPU in 6 s"
 
     broker = Broker(tmp_path / "late", port=port).start()
     try:

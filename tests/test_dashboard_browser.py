@@ -153,14 +153,18 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         browser.find_element("id", "c-explain").click()
         wait(lambda: browser.find_element("id", "reply").text.startswith("ok"), 20, "the explain reply")
         assert '"class":282' in browser.find_element("id", "reply").text.replace(" ", "")
+        # The snapshot's overlay shows on yard-cam's tile only until the next result (it sends no
+        # others), so catch the moment it loads rather than hoping to look at the right time.
+        browser.execute_script(
+            "window.__snap = false; document.addEventListener('load', (e) => { const i = e.target;"
+            " if (i.tagName === 'IMG' && i.src.includes('/overlay/yard-cam.jpg') && i.naturalWidth === 320)"
+            " window.__snap = true; }, true);")
         browser.find_element("id", "c-snapshot").click()
         wait(lambda: re.fullmatch(r'ok: \{"cmd":"snapshot","seq":\d+\}', browser.find_element("id", "reply").text), 20,
              "the snapshot reply")
+        wait(lambda: browser.execute_script("return window.__snap;"), 30, "the snapshot overlay on yard-cam's tile")
         shot(browser, "detail")
         browser.find_element("id", "d-close").click()
-        wait(lambda: browser.execute_script(
-            "const i = document.querySelector('.tile[data-device=\"yard-cam\"] img');"
-            "return i && i.complete && i.naturalWidth === 320;"), 30, "the snapshot overlay on yard-cam's tile")
 
         # Bad data on the broker breaks nothing.
         publish(broker.port, "edgecam/yard-cam/result", b"{not json")
@@ -185,7 +189,7 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
 
         # A browser that reconnects gets the current state at once.
         browser.refresh()
-        wait(lambda: tile_attr(browser, "aviary-cam", "data-status") == "offline", 10, "state after reload")
+        wait(lambda: tile_attr(browser, "aviary-cam", "data-status") == "offline", 30, "state after reload")
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, Recorder
-from conftest import IMAGES, cpu_seconds
+from conftest import IMAGES, cpu_seconds, wait_until
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -66,7 +66,9 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, daemons) ->
         assert rec.wait_for(lambda m: len(m) >= 5 + 5 * 20, 60), d.log()
         d.proc.send_signal(signal.SIGTERM)
         assert d.wait(30) == 0, d.log()
-        time.sleep(1)
+        made = int(d.log().rsplit("frames, ", 1)[1].split(" results made")[0])
+        # The daemon stopped once the broker had the last one; the broker still forwards it to us.
+        assert rec.wait_for(lambda m: any(json.loads(p)["seq"] == made for _, p, _ in m), 30)
     finally:
         rec.close()
         broker.stop()
@@ -76,10 +78,10 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, daemons) ->
     seqs = [s for _, s in order]
     # In order, and not one missing: 1, 2, 3, ... up to the last result the daemon made.
     assert seqs == list(range(1, len(seqs) + 1)), seqs
-    made = int(d.log().rsplit("frames, ", 1)[1].split(" results made")[0])
     assert seqs[-1] == made
     during = [r for r in rec.results() if outage_start + 1 < _epoch(r["ts"]) < outage_start + 20]
-    assert len(during) >= 50, f"only {len(during)} results were made during the outage"
+    # 5 fps asked for; a busy machine may make fewer, but the outage must have had plenty to keep.
+    assert len(during) >= 30, f"only {len(during)} results were made during the outage"
     log = d.log()
     assert "lost the connection" in log and "connected to 127.0.0.1" in log and "Traceback" not in log
 
@@ -100,11 +102,12 @@ def test_sigkill_during_outage_then_restart_delivers_the_spool(tmp_path: Path, d
         first = daemons(*args, env=env)
         assert rec.wait_for(lambda m: len(m) >= 5, 60), first.log()
         broker.stop()
-        time.sleep(6)
+        # At least 20 results spooled (4 s at 5 fps; longer on a busy machine), then the kill.
+        assert wait_until(lambda: len(spooled(state / "spool-dev-s.db")) >= 20, 60, 0.1), first.log()
         os.kill(first.proc.pid, signal.SIGKILL)
         first.wait()
         waiting = spooled(state / "spool-dev-s.db")
-        assert len(waiting) >= 20, f"{len(waiting)} results spooled in 6 s at 5 fps"
+        assert len(waiting) >= 20
         broker.start()
         second = daemons(*args, env=env)
         assert rec.wait_for(lambda m: {(json.loads(p)["boot"], json.loads(p)["seq"]) for _, p, _ in m}
@@ -190,7 +193,7 @@ def test_full_disk_at_start_keeps_classifying_and_publishing(broker: Broker, tmp
         d = daemons("--source", IMAGES, "--once", "--broker", broker.address, "--device-id", "dev-f",
                     env={"EDGECAM_SPOOL_DIR": str(state)})
         assert d.wait(60) == 0, d.log()
-        assert rec.wait_for(lambda m: len(m) >= 8, 10), d.log()
+        assert rec.wait_for(lambda m: len(m) >= 8, 30), d.log()
         rec.close()
         spool_lines = [line for line in d.log().splitlines() if line.startswith("ERROR spool:")]
         assert len(spool_lines) == 1, d.log()
@@ -230,9 +233,8 @@ def test_sighup_reloads_the_config_in_place(broker: Broker, daemons, tmp_path: P
 
     conf.write_text("[loop]\noverlay_every = banana\n")
     d.proc.send_signal(signal.SIGHUP)
-    time.sleep(2)
+    assert wait_until(lambda: "configuration not reloaded" in d.log(), 30, 0.1), d.log()
     assert d.proc.poll() is None
-    assert "configuration not reloaded" in d.log()
     assert rec.results()[-1]["boot"] == boot
 
     conf.write_text("[loop]\noverlay_every = 1\n")

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,25 +29,35 @@ def test_notify_ready_watchdog_status_stopping(broker: Broker, daemons, tmp_path
     d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", broker.address, "--device-id", "dev-n", env=env)
     messages: list[dict[str, str]] = []
 
-    def receive(until: float) -> None:
-        while time.monotonic() < until:
+    def receive(until: float, done: Callable[[], bool] = lambda: False) -> None:
+        while time.monotonic() < until and not done():
             try:
                 data = sock.recv(4096)
             except TimeoutError:
                 continue
             messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
+    def ready() -> list[dict[str, str]]:
+        return [m for m in messages if m.get("READY") == "1"]
+
     try:
         sock.settimeout(0.5)
+        # Start-up (imports, model, source) takes its own time on a busy machine; count from READY.
+        receive(time.monotonic() + 90, lambda: bool(ready()))
+        assert ready(), (messages, d.log())
+        first = len(messages) - 1
         receive(time.monotonic() + 10)
-        ready = [m for m in messages if m.get("READY") == "1"]
-        assert len(ready) == 1, messages
-        assert ready[0]["MAINPID"] == str(d.proc.pid)
-        first = messages.index(ready[0])
+        assert len(ready()) == 1, messages
+        assert ready()[0]["MAINPID"] == str(d.proc.pid)
         pings = [m for m in messages[first:] if m.get("WATCHDOG") == "1"]
         # Every half WatchdogSec from the frame loop: about 20 in 10 s, never far fewer.
         assert len(pings) >= 10, len(pings)
-        assert any("fps" in m.get("STATUS", "") and "connected" in m["STATUS"] for m in messages), messages
+
+        def connected() -> bool:
+            return any("fps" in m.get("STATUS", "") and "connected" in m["STATUS"] for m in messages)
+
+        receive(time.monotonic() + 30, connected)
+        assert connected(), messages
         d.proc.send_signal(signal.SIGTERM)
         receive(time.monotonic() + 5)
         assert d.wait(30) == 0
