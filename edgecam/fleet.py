@@ -61,6 +61,7 @@ class Device:
             "model": (self.result or {}).get("model") or stats.get("model"),
             "history": list(self.runs),
             "overlay": self.overlay_seq or None,
+            "overlay_at": self.overlay_at or None,
             # An overlay is a picture of one frame: shown only while it is about as new as the latest
             # result, so labels of one frame never sit under the picture of another.
             "overlay_fresh": bool(self.overlay) and self.last_result_at - self.overlay_at <= OVERLAY_FRESH_S,

@@ -145,6 +145,7 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         wait(lambda: tile(browser, "yard-cam").click() is None, 10, "a click on yard-cam's tile")
         wait(lambda: "open" in browser.find_element("id", "detail").get_attribute("class"), 10, "the detail view")
         wait(lambda: browser.find_elements("css selector", "#timeline div[data-label]"), 10, "the timeline")
+        assert browser.execute_script("return document.getElementById('d-snap').hidden;")  # no overlay yet
         assert attr(browser, "#timeline div[data-label]", "data-label") == \
             explained(cats / "cat.bmp")
         assert len(attrs(browser, "#d-times tr", "class")) >= 5
@@ -163,6 +164,13 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         wait(lambda: re.fullmatch(r'ok: \{"cmd":"snapshot","seq":\d+\}', browser.find_element("id", "reply").text), 20,
              "the snapshot reply")
         wait(lambda: browser.execute_script("return window.__snap;"), 30, "the snapshot overlay on yard-cam's tile")
+        # The detail view keeps it (yard-cam sends no other overlays), with its age.
+        wait(lambda: browser.execute_script(
+            "const i = document.getElementById('d-overlay');"
+            "return !document.getElementById('d-snap').hidden && i.complete && i.naturalWidth === 320;"), 30,
+             "the snapshot in the detail view")
+        assert attr(browser, "#d-overlay-at", "class") == "meta"
+        assert browser.find_element("id", "d-overlay-at").text.startswith("received ")
         shot(browser, "detail")
         browser.find_element("id", "d-close").click()
 

@@ -233,7 +233,7 @@ def test_results_and_overlays_from_the_broker(broker: Broker, dashboard: Callabl
     assert [t["label"] for t in shown["result"]["top"]] == ["chickadee", "magpie", "water ouzel, dipper"]
     assert shown["result"]["top"][0]["score"] == 0.8633 and shown["model"] == MODEL
     assert shown["result"]["cam"]["w"] == 7 and shown["history"][0][0] == "chickadee"
-    assert shown["overlay"] is None
+    assert shown["overlay"] is None and shown["overlay_at"] is None
 
     publish(broker.port, "edgecam/cam-1/result", result("cam-1", 2, label="magpie", score=0.5))
     shown = wait_until(lambda: (d := dash.device("cam-1")) and d["result"]["seq"] == 2 and d, what="seq 2")
@@ -243,7 +243,9 @@ def test_results_and_overlays_from_the_broker(broker: Broker, dashboard: Callabl
     picture = jpeg()
     assert dash.get("/overlay/cam-1.jpg")[0] == 404  # none yet
     publish(broker.port, "edgecam/cam-1/overlay", picture)
-    wait_until(lambda: dash.device("cam-1")["overlay"] == 1, what="the overlay")
+    sent_at = time.time()
+    shown = wait_until(lambda: (d := dash.device("cam-1"))["overlay"] == 1 and d, what="the overlay")
+    assert abs(shown["overlay_at"] - sent_at) < 5 and shown["overlay_fresh"] is True
     status, headers, body = dash.get("/overlay/cam-1.jpg")
     assert status == 200 and headers["content-type"] == "image/jpeg" and body == picture
     assert headers["content-length"] == str(len(picture))
