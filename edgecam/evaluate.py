@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .errors import EdgecamError
-from .explain import explain_frame
+from .explain import explain_inference
 from .model import Classifier
 from .occlusion import grey, occlusion_maps
 from .preprocess import to_input
@@ -103,9 +103,10 @@ def evaluate_image(clf: Classifier, path: Path, methods: list[str], steps: int, 
     frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if frame is None:
         raise EdgecamError(f"{path}: cannot read as an image")
-    x, _ = to_input(frame, clf.input)
+    x, box = to_input(frame, clf.input)
     _, h, w, _ = x.shape
-    exp = explain_frame(clf, frame, 1)
+    # The same input for the map and for the curves, prepared once.
+    exp = explain_inference(clf, clf.infer(x), box, 1)
     cls = exp.top[0][0]
     mask = load_mask(masks, path, h, w) if masks else None
     out = []

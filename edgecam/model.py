@@ -85,7 +85,8 @@ class Classifier:
         self.graph, self.head = analyse(self.path, data, head_names)
         self.runtime: Runtime = get_runtime()
         prepared = with_outputs(data, [self.head.feature, self.head.logits])
-        self.prepared = prepared  # kept for a second interpreter (a batch of occluded frames)
+        self.prepared = prepared  # kept for resized_interpreter()
+        self.num_threads = num_threads
         try:
             self.interpreter: Any = make_interpreter(prepared, num_threads)
         except (ValueError, RuntimeError) as exc:
@@ -113,6 +114,14 @@ class Classifier:
     def feature_shape(self) -> tuple[int, ...]:
         return self.graph.tensors[self.head.feature].shape
 
+    def resized_interpreter(self, shape: list[int]) -> Any:
+        """A second interpreter of the same prepared model whose input is `shape` (a batch, a wider
+        frame). Raises the runtime's RuntimeError or ValueError when the graph cannot take it."""
+        it = make_interpreter(self.prepared, self.num_threads)
+        it.resize_tensor_input(self._input_index, shape)
+        it.allocate_tensors()
+        return it
+
     def raw_outputs(self, x: np.ndarray, interpreter: Any = None) -> dict[int, np.ndarray]:
         """One invoke(); the raw (still quantized) score, logit and feature tensors by index.
 
@@ -130,12 +139,15 @@ class Classifier:
     def infer(self, x: np.ndarray, interpreter: Any = None) -> Inference:
         raw = self.raw_outputs(x, interpreter)
         logits = dequantized(self._logit_q, raw[self.head.logits]).reshape(-1)
-        if self.head.softmax:
-            scores = dequantized(self._score_q, raw[self.head.output]).reshape(-1)
-        else:
-            scores = cam_math.softmax(logits)
         features = dequantized(self._feature_q, raw[self.head.feature])[0]
-        return Inference(logits, scores, features)
+        return Inference(logits, self.scores(raw)[0], features)
+
+    def scores(self, raw: dict[int, np.ndarray], n: int = 1) -> np.ndarray:
+        """Class probabilities [n, classes] from the raw outputs of a batch of n: the model's own
+        softmax, or one over its logits when it ends without."""
+        if self.head.softmax:
+            return dequantized(self._score_q, raw[self.head.output]).reshape(n, -1)
+        return cam_math.softmax(dequantized(self._logit_q, raw[self.head.logits]).reshape(n, -1))
 
     def cams(self, inference: Inference, classes: list[int]) -> np.ndarray:
         return cam_math.class_maps(inference.features, self.head.weights, classes)

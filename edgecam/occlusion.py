@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from . import cam as cam_math
-from .model import Classifier, dequantized
+from .model import Classifier
 from .preprocess import InputSpec
 
 log = logging.getLogger("edgecam")
@@ -97,21 +96,15 @@ def occlusion_maps(
 
 def _batched(clf: Classifier, batch: np.ndarray) -> np.ndarray | None:
     """All occluded frames in one invoke() on a second interpreter, or None when the model refuses."""
-    from .runtime import make_interpreter
-
     try:
-        it = make_interpreter(clf.prepared, 2)
-        index = it.get_input_details()[0]["index"]
-        it.resize_tensor_input(index, list(batch.shape))
-        it.allocate_tensors()
-        it.set_tensor(index, batch)
+        it = clf.resized_interpreter(list(batch.shape))
+        it.set_tensor(it.get_input_details()[0]["index"], batch)
         it.invoke()
-        out = it.get_tensor(clf.head.output)
+        raw = {t: it.get_tensor(t) for t in (clf.head.output, clf.head.logits)}
     except (RuntimeError, ValueError) as exc:
         # The shared MobileNetV2 models have reshapes of a fixed batch of 1, which XNNPACK refuses.
         log.debug("occlusion: no batch of %d (%s); one invoke() per position", len(batch), str(exc)[:120])
         return None
-    if out.shape[0] != len(batch):
+    if any(t.shape[0] != len(batch) for t in raw.values()):
         return None
-    scores = dequantized(clf.graph.tensors[clf.head.output].quant, out).reshape(len(batch), -1)
-    return scores if clf.head.softmax else cam_math.softmax(scores)
+    return clf.scores(raw, len(batch))

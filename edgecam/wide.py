@@ -17,7 +17,6 @@ import numpy as np
 from .explain import Explanation, explain_frame, explain_inference
 from .model import Classifier
 from .preprocess import to_input
-from .runtime import make_interpreter
 
 log = logging.getLogger("edgecam")
 
@@ -41,11 +40,7 @@ class WideCam:
 
     def _interpreter(self, h: int, w: int) -> Any:
         if (h, w) not in self.interpreters:
-            it = make_interpreter(self.clf.prepared, 2)
-            index = it.get_input_details()[0]["index"]
-            it.resize_tensor_input(index, [1, h, w, 3])
-            it.allocate_tensors()
-            self.interpreters[(h, w)] = it
+            self.interpreters[(h, w)] = self.clf.resized_interpreter([1, h, w, 3])
         return self.interpreters[(h, w)]
 
     def explain(self, frame: np.ndarray, top_k: int = 3, extra: list[int] | None = None) -> Explanation:
