@@ -32,14 +32,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from broker import Broker  # noqa: E402
 
-from edgecam.capture import Capture  # noqa: E402
-from edgecam.config import Config  # noqa: E402
-from edgecam.daemon import Daemon  # noqa: E402
-from edgecam.model import Classifier  # noqa: E402
-from edgecam.mqtt import MqttSink  # noqa: E402
-from edgecam.preprocess import to_input  # noqa: E402
-from edgecam.run import make_spool  # noqa: E402
-from edgecam.sources import Frame  # noqa: E402
+from edgecam.core.model import Classifier  # noqa: E402
+from edgecam.core.preprocess import to_input  # noqa: E402
+from edgecam.device.capture import Capture  # noqa: E402
+from edgecam.device.config import Config  # noqa: E402
+from edgecam.device.daemon import Daemon  # noqa: E402
+from edgecam.device.mqtt import MqttSink  # noqa: E402
+from edgecam.device.run import make_spool  # noqa: E402
+from edgecam.device.sources import Frame  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 PHOTOS = ["cat_720p.jpg", "parrot.jpg", "bird.bmp", "hot_dog.jpg"]

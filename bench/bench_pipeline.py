@@ -21,10 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgecam import cam as cam_math  # noqa: E402
-from edgecam.explain import explain_frame  # noqa: E402
-from edgecam.model import Classifier  # noqa: E402
-from edgecam.preprocess import to_input  # noqa: E402
+from edgecam.core import cam as cam_math  # noqa: E402
+from edgecam.core.explain import explain_frame  # noqa: E402
+from edgecam.core.model import Classifier  # noqa: E402
+from edgecam.core.preprocess import to_input  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

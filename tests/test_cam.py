@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import ALL_MODELS, IMAGES, LABELS, MODELS
 
-from edgecam import cam as cam_math
-from edgecam.explain import explain_frame
-from edgecam.model import Classifier
-from edgecam.preprocess import InputSpec, crop_box, resize_area_fast, to_input
-from edgecam.render import heatmap, overlay
+from edgecam.core import cam as cam_math
+from edgecam.core.explain import explain_frame
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import InputSpec, crop_box, resize_area_fast, to_input
+from edgecam.core.render import heatmap, overlay
 
 pytestmark = pytest.mark.model
 

@@ -19,13 +19,13 @@ import pytest
 from broker import Broker, Recorder
 from conftest import DEFAULT_MODEL, IMAGES, LABELS
 
-from edgecam.capture import Capture
-from edgecam.config import Config
-from edgecam.daemon import Daemon
-from edgecam.model import Classifier
-from edgecam.mqtt import MqttSink
-from edgecam.run import make_spool
-from edgecam.sources import Frame, SourceError, check_frame
+from edgecam.core.model import Classifier
+from edgecam.device.capture import Capture
+from edgecam.device.config import Config
+from edgecam.device.daemon import Daemon
+from edgecam.device.mqtt import MqttSink
+from edgecam.device.run import make_spool
+from edgecam.device.sources import Frame, SourceError, check_frame
 
 pytestmark = pytest.mark.model
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import wait_until
 
-from edgecam.capture import Backoff, Capture, LatestFrame
-from edgecam.sources import Frame, SourceEnded, SourceError
+from edgecam.device.capture import Backoff, Capture, LatestFrame
+from edgecam.device.sources import Frame, SourceEnded, SourceError
 
 DEADLINE = 20.0  # seconds; only ever reached when something is broken
 

@@ -1,4 +1,4 @@
-"""Commands on <prefix>/<device>/cmd (edgecam.commands): parsing, checking, replies, the rate limit. All pure."""
+"""Commands on <prefix>/<device>/cmd (edgecam.device.commands): parsing, checking, replies, the rate limit. All pure."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from conftest import LABELS
 
-from edgecam.commands import MAX_BYTES, Command, CommandError, RateLimit, parse, reply
-from edgecam.labels import fit_labels, read_labels
+from edgecam.core.labels import fit_labels, read_labels
+from edgecam.device.commands import MAX_BYTES, Command, CommandError, RateLimit, parse, reply
 
 # The 1001 classes of the default model: 0 is "background".
 NAMES = fit_labels(read_labels(LABELS), 1001, "labels")

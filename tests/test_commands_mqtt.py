@@ -13,7 +13,7 @@ import pytest
 from broker import Broker, Recorder, publish
 from conftest import IMAGES, run_cli
 
-from edgecam.payload import decode_cam
+from edgecam.contract import decode_cam
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 

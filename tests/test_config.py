@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from conftest import one_error_line, run_cli
 
-from edgecam import config
-from edgecam.config import Config, EdgecamError
+from edgecam.device import config
+from edgecam.device.config import Config, EdgecamError
 
 WHERE = "/etc/edgecam/test.toml"
 

@@ -16,7 +16,7 @@ import pytest
 from broker import Broker, Recorder, free_port, publish
 from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli, wait_until
 
-from edgecam.payload import decode_cam
+from edgecam.contract import decode_cam
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -276,7 +276,7 @@ def test_folder_of_unreadable_images_fails_once(tmp_path: Path, daemons) -> None
 
 
 def test_a_set_up_error_stays_one_line_with_results_waiting(tmp_path: Path) -> None:
-    from edgecam.spool import Quota, Spool
+    from edgecam.device.spool import Quota, Spool
 
     state = tmp_path / "state"
     spool = Spool(state / "spool-dev-w.db", {"result": Quota(10**6, 3600), "overlay": Quota(10**6, 3600)})

@@ -1,6 +1,6 @@
 """`edgecam dashboard` over HTTP: a real Mosquitto, a real dashboard process, real daemons.
 
-Messages reach the dashboard only through the broker: results built with edgecam.payload, and
+Messages reach the dashboard only through the broker: results built with edgecam.contract, and
 bad data of every kind, published as any client on the broker could.
 """
 
@@ -26,7 +26,7 @@ import pytest
 from broker import Broker, free_port, paho_client, publish
 from conftest import IMAGES, ROOT, one_error_line, run_cli
 
-from edgecam.payload import result_payload
+from edgecam.contract import result_payload
 
 MODEL = "tf2_mobilenet_v2_1.0_224_ptq"
 CAM = (np.arange(49, dtype=np.float32).reshape(7, 7) - 10.0) / 4.0

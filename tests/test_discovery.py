@@ -172,7 +172,7 @@ def test_discovery_under_another_prefix(broker: Broker, daemons) -> None:  # typ
 
 
 def test_distinct_devices_get_distinct_entities() -> None:
-    from edgecam.discovery import configs as discovery_configs
+    from edgecam.device.discovery import configs as discovery_configs
 
     topics = [t for dev in ("cam-1", "cam_1", "cam.1") for t, _ in discovery_configs("edgecam", dev, MODEL)]
     ids = [json.loads(p)["unique_id"] for dev in ("cam-1", "cam_1", "cam.1")

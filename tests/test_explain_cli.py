@@ -107,7 +107,7 @@ def test_models_prepare_writes_a_model_with_the_feature_output(tmp_path: Path) -
     out = tmp_path / "prepared.tflite"
     res = run_cli("models", "prepare", MODELS / "tf2_mobilenet_v2_1.0_224_ptq.tflite", out)
     assert res.returncode == 0, res.stderr
-    from edgecam.tflite_graph import parse
+    from edgecam.core.tflite_graph import parse
 
     graph = parse(out.read_bytes())
     assert graph.outputs == (176, 171, 173)

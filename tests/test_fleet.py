@@ -1,4 +1,4 @@
-"""The dashboard's fleet state (edgecam.fleet), fed real contract v1 payloads. Pure: no broker."""
+"""The dashboard's fleet state (edgecam.web.fleet), fed real contract v1 payloads. Pure: no broker."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgecam.fleet import HISTORY_SECONDS, MAX_DEVICES, MAX_JSON, Fleet
-from edgecam.payload import decode_cam, result_payload
+from edgecam.contract import decode_cam, result_payload
+from edgecam.web.fleet import HISTORY_SECONDS, MAX_DEVICES, MAX_JSON, Fleet
 
 T0 = 1_780_000_000.0  # a wall clock in 2026
 MODEL = "tf2_mobilenet_v2_1.0_224_ptq"

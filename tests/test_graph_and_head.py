@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import ALL_MODELS, IMAGES, LABELS, MODELS
 
-from edgecam.head import HeadNotFound, find_head, head_from_names
-from edgecam.model import Classifier
-from edgecam.preprocess import to_input
-from edgecam.runtime import get_runtime
-from edgecam.tflite_graph import GraphFormatError, parse, with_outputs
+from edgecam.core.head import HeadNotFound, find_head, head_from_names
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import to_input
+from edgecam.core.runtime import get_runtime
+from edgecam.core.tflite_graph import GraphFormatError, parse, with_outputs
 
 pytestmark = pytest.mark.model
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import DEFAULT_MODEL, IMAGES, LABELS, MODELS, one_error_line, run_cli
 
-from edgecam.layers import stages
-from edgecam.model import Classifier
-from edgecam.wide import WideCam, wide_size
+from edgecam.core.layers import stages
+from edgecam.core.model import Classifier
+from edgecam.core.wide import WideCam, wide_size
 
 pytestmark = pytest.mark.model
 
@@ -66,7 +66,7 @@ def test_wide_cam_is_7x13_for_16_9_and_keeps_the_logit_identity() -> None:
     assert exp.top[0][1] == "Egyptian cat"
     # mean(CAM) + bias is the logit the wide inference computed: the map explains that score.
     it = wide.interpreters[(224, 398)]
-    from edgecam.model import dequantized
+    from edgecam.core.model import dequantized
 
     t = clf.graph.tensors[clf.head.logits]
     logit = dequantized(t.quant, it.get_tensor(clf.head.logits)).reshape(-1)[exp.cam_ids[0]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import IMAGES, MODELS, ROOT, one_error_line, run_cli
 
-from edgecam import models as m
+from edgecam.core import manifest as m
 
 DEFAULT = "tf2_mobilenet_v2_1.0_224_ptq"
 DEFAULT_FILE = f"{DEFAULT}.tflite"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import DEFAULT_MODEL, IMAGES, LABELS, one_error_line, run_cli
 
-from edgecam.evaluate import auc, pointing
-from edgecam.explain import explain_frame
-from edgecam.model import Classifier
-from edgecam.occlusion import grey, occluded_inputs, occlusion_maps, positions
-from edgecam.preprocess import to_input
-from edgecam.render import heatmap
+from edgecam.core.evaluate import auc, pointing
+from edgecam.core.explain import explain_frame
+from edgecam.core.model import Classifier
+from edgecam.core.occlusion import grey, occluded_inputs, occlusion_maps, positions
+from edgecam.core.preprocess import to_input
+from edgecam.core.render import heatmap
 
 pytestmark = pytest.mark.model
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import IMAGES, LABELS, MODELS
 
-from edgecam.explain import explain_frame
-from edgecam.model import Classifier
-from edgecam.payload import PayloadError, decode_cam, encode_cam, iso_ms, result_payload
+from edgecam.contract import PayloadError, decode_cam, encode_cam, iso_ms, result_payload
+from edgecam.core.explain import explain_frame
+from edgecam.core.model import Classifier
 
 
 def test_cam_round_trip_within_one_png_step() -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgecam.errors import EdgecamError
-from edgecam.payload import PayloadError, decode_cam, result_payload
-from edgecam.policy import EveryN, PublishPolicy
-from edgecam.stats import STAGES, StageTimes
-from edgecam.watch import SHADES, check_result, result_line, split_broker, text_heatmap
+from edgecam.cli.watch import SHADES, check_result, result_line, split_broker, text_heatmap
+from edgecam.contract import PayloadError, decode_cam, result_payload
+from edgecam.core.errors import EdgecamError
+from edgecam.device.policy import EveryN, PublishPolicy
+from edgecam.device.stats import STAGES, StageTimes
 
 # --- PublishPolicy --------------------------------------------------------------------------------
 

@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra import numpy as hnp
 
-from edgecam import config
-from edgecam.commands import MAX_BYTES, MAX_FRAMES, SETTABLE, Command, CommandError, parse
-from edgecam.config import Config, EdgecamError
-from edgecam.fleet import Fleet
-from edgecam.labels import fit_labels, read_labels
-from edgecam.payload import PayloadError, decode_cam, encode_cam, result_payload
-from edgecam.watch import check_result
+from edgecam.cli.watch import check_result
+from edgecam.contract import PayloadError, decode_cam, encode_cam, result_payload
+from edgecam.core.labels import fit_labels, read_labels
+from edgecam.device import config
+from edgecam.device.commands import MAX_BYTES, MAX_FRAMES, SETTABLE, Command, CommandError, parse
+from edgecam.device.config import Config, EdgecamError
+from edgecam.web.fleet import Fleet
 
 # derandomize: CI sees the same inputs on every run. database=None keeps no examples, but hypothesis still
 # caches Unicode tables and source constants under ./.hypothesis: those go to a temporary directory instead.
@@ -144,7 +144,7 @@ KNOWN_WORDS = {w.lower() for label in NAMES for w in [label, *(s.strip() for s i
 
 
 def names_no_class(text: str) -> bool:
-    """Independent of edgecam.labels: a string that is no id, no label and no synonym in any case."""
+    """Independent of edgecam.core.labels: a string that is no id, no label and no synonym in any case."""
     t = text.strip()
     return not (t.isascii() and t.isdigit()) and t.lower() not in KNOWN_WORDS
 

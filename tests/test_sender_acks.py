@@ -15,9 +15,9 @@ from pathlib import Path
 from broker import Broker, Recorder
 from conftest import wait_until
 
-from edgecam.config import Config
-from edgecam.mqtt import MqttSink
-from edgecam.run import make_spool
+from edgecam.device.config import Config
+from edgecam.device.mqtt import MqttSink
+from edgecam.device.run import make_spool
 
 
 def test_a_result_stays_spooled_until_its_own_ack_after_the_ids_wrap(broker: Broker, tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import IMAGES
 
-from edgecam.config import Config
-from edgecam.errors import EdgecamError
-from edgecam.run import open_capture
-from edgecam.sources import (
+from edgecam.core.errors import EdgecamError
+from edgecam.device.config import Config
+from edgecam.device.run import open_capture
+from edgecam.device.sources import (
     FolderSource,
     OpenCVSource,
     Picamera2Source,

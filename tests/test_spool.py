@@ -1,4 +1,4 @@
-"""The durable outbox (edgecam.spool): order, persistence, quotas, and what happens when the file fails.
+"""The durable outbox (edgecam.device.spool): order, persistence, quotas, and what happens when the file fails.
 
 Every test uses a real SQLite file under tmp_path; the disk-full tests mount an 8 MiB tmpfs
 (root only) and skip otherwise. No test sleeps: ages come from explicit `created` times and
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import edgecam.spool as spool_mod
-from edgecam.spool import Message, Quota, Spool
+import edgecam.device.spool as spool_mod
+from edgecam.device.spool import Message, Quota, Spool
 
 BIG = 10**12  # a quota that never bites
 KINDS = ("result", "overlay")
@@ -209,7 +209,7 @@ def test_messages_survive_the_process_being_killed(tmp_path: Path, spools: Calla
 import os
 import sqlite3
 from pathlib import Path
-from edgecam.spool import Quota, Spool
+from edgecam.device.spool import Quota, Spool
 q = {{"result": Quota(10**12, 10**12), "overlay": Quota(10**12, 10**12)}}
 s = Spool(Path({str(path)!r}), q)
 assert s.state == "file", s.reason
@@ -704,7 +704,7 @@ def test_acks_on_a_full_disk_make_room_for_held_messages(
     assert s.counts()["in_memory"] == 1
     held = ids[-1]
     # The broker acknowledges every message in the file, a window at a time as the sender does
-    # (edgecam.mqtt.WINDOW): deleting works inside the reserve, and the freed pages are room.
+    # (edgecam.device.mqtt.WINDOW): deleting works inside the reserve, and the freed pages are room.
     for i in range(0, len(ids) - 1, 16):
         s.delete(ids[i : min(i + 16, len(ids) - 1)])
     assert [m.id for m in s.after(0, 10**6)] == [held]

@@ -67,7 +67,7 @@ def test_notify_ready_watchdog_status_stopping(broker: Broker, daemons, tmp_path
 
 
 def test_without_notify_socket_nothing_is_sent() -> None:
-    from edgecam.notify import Notifier
+    from edgecam.device.notify import Notifier
 
     n = Notifier({})
     assert not n.active and n.watchdog_interval == 0

@@ -5,84 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
-from typing import Any
 
 import cv2
-import numpy as np
 
-from . import cam as cam_math
-from .errors import EdgecamError
-from .labels import class_id
-from .model import Classifier, Inference
-from .occlusion import occlusion_maps
-from .preprocess import Box, to_input
-from .render import overlay, write_image
-
-
-@dataclass
-class Explanation:
-    """One frame's prediction and maps: what explain prints and the daemon publishes."""
-
-    top: list[tuple[int, str, float]]  # (id, label, score), best first
-    cam_ids: list[int]  # top-1 first, then the classes asked for
-    cams: np.ndarray  # raw maps [len(cam_ids), H, W]
-    box: Box
-    view: np.ndarray | None = None  # the box of the frame, scaled down on the way to the model (BGR)
-
-
-def explain_frame(
-    clf: Classifier,
-    frame_bgr: np.ndarray,
-    top_k: int = 3,
-    extra: list[int] | None = None,
-    crop: bool = False,
-    exact: bool = False,
-    timing: dict[str, float] | None = None,
-) -> Explanation:
-    """Preprocess, one invoke(), top-k, and the CAMs of top-1 and `extra`, in one product.
-
-    With `timing`, the milliseconds of each stage are stored in it: pre, infer, cam.
-    """
-    t0 = time.perf_counter()
-    keep: dict = {}
-    x, box = to_input(frame_bgr, clf.input, crop, exact, keep)
-    t1 = time.perf_counter()
-    inf = clf.infer(x)
-    t2 = time.perf_counter()
-    exp = explain_inference(clf, inf, box, top_k, extra, keep.get("view"))
-    if timing is not None:
-        t3 = time.perf_counter()
-        timing.update(pre=(t1 - t0) * 1e3, infer=(t2 - t1) * 1e3, cam=(t3 - t2) * 1e3)
-    return exp
-
-
-def explain_inference(
-    clf: Classifier,
-    inf: Inference,
-    box: Box,
-    top_k: int = 3,
-    extra: list[int] | None = None,
-    view: np.ndarray | None = None,
-) -> Explanation:
-    """Top-k and the CAMs of top-1 and `extra` from one inference."""
-    idx = cam_math.top_k(inf.scores, top_k)
-    top = [(int(i), clf.labels[int(i)], float(inf.scores[i])) for i in idx]
-    cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
-    return Explanation(top, cam_ids, clf.cams(inf, cam_ids), box, view)
-
-
-def to_json(image: str, model: str, exp: Explanation, labels: list[str]) -> dict[str, Any]:
-    return {
-        "image": image,
-        "model": model,
-        "top": [{"id": i, "label": lab, "score": round(s, 5)} for i, lab, s in exp.top],
-        "cams": [
-            {"id": c, "label": labels[c], "map": np.round(m, 5).tolist()}
-            for c, m in zip(exp.cam_ids, exp.cams, strict=True)
-        ],
-    }
+from edgecam.cli.common import load_classifier
+from edgecam.core.errors import EdgecamError
+from edgecam.core.explain import Explanation, explain_frame, to_json
+from edgecam.core.images import iter_images
+from edgecam.core.labels import class_id
+from edgecam.core.occlusion import occlusion_maps
+from edgecam.core.preprocess import to_input
+from edgecam.core.render import overlay, write_image
 
 
 def _line(image: str, exp: Explanation) -> str:
@@ -111,8 +44,6 @@ class _Progress:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from .cli import iter_images, load_classifier
-
     if args.top < 1:
         raise EdgecamError(f"--top {args.top}: must be at least 1")
     if args.patch < 1 or args.stride < 1:
@@ -127,7 +58,7 @@ def run_explain(args: argparse.Namespace) -> int:
     styles = ["blend", "dim"] if args.style == "both" else [args.style]
     wide = None
     if args.wide:
-        from .wide import WideCam
+        from edgecam.core.wide import WideCam
 
         if args.crop:
             raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")

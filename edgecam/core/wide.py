@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .explain import Explanation, explain_frame, explain_inference
-from .model import Classifier
-from .preprocess import to_input
+from edgecam.core.explain import Explanation, explain_frame, explain_inference
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import to_input
 
 log = logging.getLogger("edgecam")
 

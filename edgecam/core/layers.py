@@ -8,21 +8,16 @@ for the CAM), one invoke() gives them all, and each is drawn as its channel-mean
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import EdgecamError
-from .model import Classifier, dequantized
-from .preprocess import to_input
-from .render import heat_u8, jet_u8, write_image
-from .runtime import make_interpreter
-from .tflite_graph import with_outputs
+from edgecam.core.model import Classifier, dequantized
+from edgecam.core.preprocess import to_input
+from edgecam.core.render import heat_u8, jet_u8
+from edgecam.core.runtime import make_interpreter
+from edgecam.core.tflite_graph import with_outputs
 
 
 @dataclass
@@ -101,29 +96,3 @@ def _label(img: np.ndarray, name: str, shape: str) -> np.ndarray:
     cv2.putText(img, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     cv2.putText(img, shape, (4, 29), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 220, 255), 1, cv2.LINE_AA)
     return img
-
-
-def run_layers(args: argparse.Namespace) -> int:
-    from .cli import load_classifier
-
-    clf = load_classifier(args)
-    frame = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-    if frame is None:
-        raise EdgecamError(f"{args.image}: cannot read as an image")
-    found = stages(clf)
-    maps = activations(clf, frame, found)
-    out_dir: Path = args.out
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"{Path(args.image).stem}.layers.jpg"
-        write_image(target, picture(frame, found, maps))
-    except OSError as exc:
-        raise EdgecamError(f"{out_dir}: cannot write ({exc.strerror or exc})") from None
-    info = [{"tensor": s.index, "name": s.name, "shape": list(s.shape)} for s in found]
-    if args.json:
-        print(json.dumps({"image": str(args.image), "picture": str(target), "stages": info}))
-    else:
-        for s in found:
-            print(f"#{s.index:<4d} {'x'.join(map(str, s.shape[1:])):>12s}  {s.name}")
-        print(f"{target}: {len(found)} stages", file=sys.stderr)
-    return 0

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from . import cam as cam_math
-from .errors import EdgecamError
-from .head import Head, HeadNotFound, find_head, head_from_names
-from .labels import fit_labels, read_labels
-from .preprocess import InputSpec
-from .runtime import Runtime, get_runtime, make_interpreter
-from .tflite_graph import Graph, GraphFormatError, Quantization, parse, with_outputs
+from edgecam.core import cam as cam_math
+from edgecam.core.errors import EdgecamError
+from edgecam.core.head import Head, HeadNotFound, find_head, head_from_names
+from edgecam.core.labels import fit_labels, read_labels
+from edgecam.core.preprocess import InputSpec
+from edgecam.core.runtime import Runtime, get_runtime, make_interpreter
+from edgecam.core.tflite_graph import Graph, GraphFormatError, Quantization, parse, with_outputs
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,20 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .capture import Capture
-from .commands import Command, CommandError, RateLimit, parse, reply
-from .config import Config
-from .errors import EdgecamError
-from .explain import Explanation, explain_frame
-from .model import Classifier
-from .mqtt import Sink
-from .notify import Notifier
-from .payload import result_payload
-from .policy import EveryN, PublishPolicy
-from .preprocess import Box
-from .render import overlay, resize_picture
-from .sources import Frame, SourceEnded
-from .stats import StageTimes, cpu_temperature, stats_payload
+from edgecam.contract import result_payload
+from edgecam.core.errors import EdgecamError
+from edgecam.core.explain import Explanation, explain_frame
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import Box
+from edgecam.core.render import overlay, resize_picture
+from edgecam.device.capture import Capture
+from edgecam.device.commands import Command, CommandError, RateLimit, parse, reply
+from edgecam.device.config import Config
+from edgecam.device.mqtt import Sink
+from edgecam.device.notify import Notifier
+from edgecam.device.policy import EveryN, PublishPolicy
+from edgecam.device.sources import Frame, SourceEnded
+from edgecam.device.stats import StageTimes, cpu_temperature, stats_payload
 
 log = logging.getLogger("edgecam")
 

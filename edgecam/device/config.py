@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgecamError, shown
+from edgecam.core.errors import EdgecamError, shown
 
 DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
 ENV_PREFIX = "EDGECAM_"

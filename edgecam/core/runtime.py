@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EdgecamError
+from edgecam.core.errors import EdgecamError
 
 _CANDIDATES = {
     "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),

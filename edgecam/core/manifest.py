@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from .errors import EdgecamError
+from edgecam.core.errors import EdgecamError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
 _PACKAGED_MANIFEST = Path(__file__).resolve().parent / "manifest.toml"

@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import EdgecamError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from edgecam import __version__
+from edgecam.cli.common import load_classifier
+from edgecam.core.errors import EdgecamError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -178,15 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.version:
             return _version()
         if args.command == "explain":
-            from .explain import run_explain
+            from edgecam.cli.explain import run_explain
 
             return run_explain(args)
         if args.command == "layers":
-            from .layers import run_layers
+            from edgecam.cli.layers import run_layers
 
             return run_layers(args)
         if args.command == "evaluate":
-            from .evaluate import run_evaluate
+            from edgecam.cli.evaluate import run_evaluate
 
             return run_evaluate(args)
         if args.command == "inspect":
@@ -194,19 +193,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "models":
             return _models(args)
         if args.command == "run":
-            from .run import run_daemon
+            from edgecam.device.run import run_daemon
 
             return run_daemon(args)
         if args.command == "config":
             return _config(args)
         if args.command == "dashboard":
-            from .dashboard import run_dashboard
-            from .run import setup_logging
+            from edgecam.device.run import setup_logging
+            from edgecam.web.dashboard import run_dashboard
 
             setup_logging(args.verbose)
             return run_dashboard(args)
         if args.command == "watch":
-            from .watch import run_watch
+            from edgecam.cli.watch import run_watch
 
             return run_watch(args)
         parser.print_help(sys.stderr)
@@ -223,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _version() -> int:
-    from .runtime import get_runtime
+    from edgecam.core.runtime import get_runtime
 
     try:
         runtime = str(get_runtime())
@@ -231,24 +230,6 @@ def _version() -> int:
         runtime = f"none ({exc})"
     print(f"edgecam {__version__} (runtime: {runtime})")
     return 0
-
-
-def load_classifier(args: argparse.Namespace, model: str | None = None):  # type: ignore[no-untyped-def]
-    from .model import Classifier, HeadNames
-    from .models import resolve
-
-    if bool(args.feature_tensor) != bool(args.weights_tensor):
-        raise EdgecamError("--feature-tensor and --weights-tensor go together")
-    if args.threads is None:
-        env = os.environ.get("EDGECAM_THREADS", "2")
-        if not env.strip().isdigit():
-            raise EdgecamError(f"EDGECAM_THREADS={env!r} is not a whole number")
-        args.threads = int(env)
-    if args.threads < 1 or args.threads > 64:
-        raise EdgecamError(f"--threads {args.threads} is out of range (1..64)")
-    local = resolve(model or args.model, args.labels)
-    names = HeadNames(args.feature_tensor, args.weights_tensor, args.bias_tensor) if args.feature_tensor else None
-    return Classifier(local.path, local.labels, num_threads=args.threads, name=local.name, head_names=names)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -272,7 +253,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from . import models as m
+    from edgecam.core import manifest as m
 
     if args.models_command == "list":
         manifest = m.load_manifest()
@@ -293,8 +274,8 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{name}: {verb}, {local.path}")
         return 0
     if args.models_command == "prepare":
-        from .model import analyse, read_model
-        from .tflite_graph import with_outputs
+        from edgecam.core.model import analyse, read_model
+        from edgecam.core.tflite_graph import with_outputs
 
         data = read_model(args.input)
         _, head = analyse(args.input, data)
@@ -312,10 +293,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from . import config
+    from edgecam.device import config
 
     if args.config_command == "check":
-        from .run import effective_config
+        from edgecam.device.run import effective_config
 
         cfg, origin = effective_config(args)
         print(f"# edgecam {__version__}: configuration from {origin}, environment and flags; valid")
@@ -328,22 +309,6 @@ def _config(args: argparse.Namespace) -> int:
         return 0
     args.print_usage(sys.stderr)
     return 2
-
-
-def iter_images(inputs: Sequence[str]) -> Iterator[tuple[Path, str | None]]:
-    """Image files from files and directories; a path that is neither comes with its error."""
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                yield p, "no image files in this directory"
-            for f in files:
-                yield f, None
-        elif p.exists():
-            yield p, None
-        else:
-            yield p, "no such file or directory"
 
 
 if __name__ == "__main__":

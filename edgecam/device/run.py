@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import config, discovery
-from .capture import Capture
-from .config import Config
-from .errors import EdgecamError
-from .sources import Source, SourceError, make_source, open_auto
-from .spool import Quota, Spool
+from edgecam.broker import split_broker
+from edgecam.core.errors import EdgecamError
+from edgecam.device import config, discovery
+from edgecam.device.capture import Capture
+from edgecam.device.config import Config
+from edgecam.device.sources import Source, SourceError, make_source, open_auto
+from edgecam.device.spool import Quota, Spool
 
 log = logging.getLogger("edgecam")
 
@@ -41,8 +42,6 @@ def source_from_spec(cfg: Config, spec: str) -> None:
 
 
 def effective_config(args: argparse.Namespace) -> tuple[Config, str]:
-    from .watch import split_broker
-
     cfg, origin = config.load(args.config)
     if args.source:
         source_from_spec(cfg, args.source)
@@ -122,10 +121,10 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
-    from .model import Classifier
-    from .models import resolve
-    from .mqtt import MqttSink, StdoutSink
+    from edgecam.core.manifest import resolve
+    from edgecam.core.model import Classifier
+    from edgecam.device.daemon import Daemon
+    from edgecam.device.mqtt import MqttSink, StdoutSink
 
     if args.max_frames < 0:
         raise EdgecamError(f"--max-frames {args.max_frames}: must be 0 (no limit) or more")

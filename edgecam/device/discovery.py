@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import __version__
+from edgecam import __version__
 
 
 def configs(prefix: str, device: str, model: str, ha_prefix: str = "homeassistant") -> list[tuple[str, bytes]]:

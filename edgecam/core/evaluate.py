@@ -10,20 +10,17 @@ lies inside it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import EdgecamError
-from .explain import explain_inference
-from .model import Classifier
-from .occlusion import grey, occlusion_maps
-from .preprocess import to_input
+from edgecam.core.errors import EdgecamError
+from edgecam.core.explain import explain_inference
+from edgecam.core.model import Classifier
+from edgecam.core.occlusion import grey, occlusion_maps
+from edgecam.core.preprocess import to_input
 
 METHODS = ("cam", "occlusion", "random")
 
@@ -156,32 +153,3 @@ def means(scores: list[Score]) -> dict[str, dict[str, float | None]]:
             row[key] = float(np.mean(values)) if values else None
         out[method] = row
     return out
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    from .cli import iter_images, load_classifier
-
-    methods = list(dict.fromkeys(args.method or METHODS))
-    if not 2 <= args.steps <= 200:
-        raise EdgecamError(f"--steps {args.steps}: must be from 2 to 200")
-    if args.masks and not args.masks.is_dir():
-        raise EdgecamError(f"--masks {args.masks}: not a directory")
-    clf = load_classifier(args)
-    scores: list[Score] = []
-    failed = 0
-    for path, problem in iter_images(args.images):
-        if problem:
-            print(f"edgecam: {path}: {problem}", file=sys.stderr)
-            failed += 1
-            continue
-        try:
-            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, args.patch, args.stride)
-        except EdgecamError as exc:
-            print(f"edgecam: {exc}", file=sys.stderr)
-            failed += 1
-    if args.json:
-        print(json.dumps({"model": clf.name, "steps": args.steps, "images": [asdict(s) for s in scores],
-                          "mean": means(scores)}))
-    elif scores:
-        print(table(scores))
-    return 1 if failed else 0

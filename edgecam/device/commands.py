@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import LoopConfig, coerce
-from .errors import EdgecamError, shown
-from .labels import class_id
+from edgecam.core.errors import EdgecamError, shown
+from edgecam.core.labels import class_id
+from edgecam.device.config import LoopConfig, coerce
 
 MAX_BYTES = 4096
 MAX_FRAMES = 1000

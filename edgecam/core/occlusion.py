@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .model import Classifier
-from .preprocess import InputSpec
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import InputSpec
 
 log = logging.getLogger("edgecam")
 

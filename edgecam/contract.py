@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import shown
+from edgecam.core.errors import shown
 
 CONTRACT_VERSION = 1
 
@@ -116,3 +116,32 @@ def result_payload(
     if extra_cams:
         obj["cams"] = [{"id": int(i), "label": lab, **encode_cam(m)} for i, lab, m in extra_cams]
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def check_result(obj: Any) -> dict[str, Any]:
+    """A contract v1 result, or PayloadError saying what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise PayloadError("not a JSON object")
+    if obj.get("v") != CONTRACT_VERSION or isinstance(obj.get("v"), bool):
+        raise PayloadError(f"contract version {shown(obj.get('v'))}, this edgecam reads {CONTRACT_VERSION}")
+    for key in ("device", "seq", "top", "cam"):
+        if key not in obj:
+            raise PayloadError(f"no {key!r}")
+    top = obj["top"]
+    if not isinstance(top, list) or not top or not all(
+        isinstance(t, dict) and isinstance(t.get("label"), str) and _number(t.get("score")) for t in top
+    ):
+        raise PayloadError("'top' is not a list of {label, score}")
+    if not isinstance(obj["cam"], dict):
+        raise PayloadError("'cam' is not an object")
+    return obj
+
+
+def _number(v: Any) -> bool:
+    """A finite JSON number (a huge integer is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tflite_graph import Graph, Operator
+from edgecam.core.tflite_graph import Graph, Operator
 
 # Ops that only move, retype or requantize values: the head may pass through them.
 _PASS_THROUGH = {"RESHAPE", "SQUEEZE", "QUANTIZE", "DEQUANTIZE"}

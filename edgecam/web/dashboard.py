@@ -30,11 +30,10 @@ from urllib.parse import parse_qs, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .config import MqttConfig, password
-from .errors import EdgecamError
-from .fleet import DEVICE_ID, Fleet
-from .mqtt import tls_context
-from .watch import split_broker
+from edgecam.broker import split_broker, tls_context
+from edgecam.core.errors import EdgecamError
+from edgecam.device.config import MqttConfig, password
+from edgecam.web.fleet import DEVICE_ID, Fleet
 
 log = logging.getLogger("edgecam")
 
@@ -124,7 +123,7 @@ class Hub:
 
 
 def page() -> bytes:
-    return resources.files("edgecam").joinpath("static/dashboard.html").read_bytes()
+    return resources.files("edgecam.web").joinpath("static/dashboard.html").read_bytes()
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .errors import EdgecamError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from edgecam.core.errors import EdgecamError
+from edgecam.core.images import IMAGE_SUFFIXES, image_files
 
 
 class SourceError(Exception):
@@ -97,7 +96,7 @@ class FolderSource:
     def open(self) -> None:
         if not self.path.is_dir():
             raise EdgecamError(f"source.uri: {self.path}: not a directory")
-        self.files = sorted(f for f in self.path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = image_files(self.path)
         if not self.files:
             raise EdgecamError(f"source.uri: {self.path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.pos = 0

@@ -13,9 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import shown
-from .payload import CONTRACT_VERSION, PayloadError, decode_cam
-from .watch import check_result
+from edgecam.contract import CONTRACT_VERSION, PayloadError, check_result, decode_cam
+from edgecam.core.errors import shown
 
 MAX_DEVICES = 256
 MAX_JSON = 64 * 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .cam import normalize
-from .preprocess import Box
+from edgecam.core.cam import normalize
+from edgecam.core.preprocess import Box
 
 STYLES = ("blend", "dim")
 

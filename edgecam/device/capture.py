@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import EdgecamError
-from .sources import Frame, Source, SourceEnded, SourceError
+from edgecam.core.errors import EdgecamError
+from edgecam.device.sources import Frame, Source, SourceEnded, SourceError
 
 log = logging.getLogger("edgecam")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import threading
 from typing import Any
@@ -18,9 +17,10 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .cam import normalize
-from .errors import EdgecamError, shown
-from .payload import CONTRACT_VERSION, PayloadError, decode_cam
+from edgecam.broker import split_broker
+from edgecam.contract import PayloadError, check_result, decode_cam
+from edgecam.core.cam import normalize
+from edgecam.core.errors import EdgecamError
 
 SHADES = " ░▒▓█"
 MAX_PAYLOAD = 256 * 1024
@@ -32,66 +32,11 @@ def text_heatmap(cam: np.ndarray, shades: str = SHADES) -> list[str]:
     return ["".join(shades[v] * 2 for v in row) for row in levels]
 
 
-def check_result(obj: Any) -> dict[str, Any]:
-    """A contract v1 result, or PayloadError saying what is wrong with it."""
-    if not isinstance(obj, dict):
-        raise PayloadError("not a JSON object")
-    if obj.get("v") != CONTRACT_VERSION or isinstance(obj.get("v"), bool):
-        raise PayloadError(f"contract version {shown(obj.get('v'))}, this edgecam reads {CONTRACT_VERSION}")
-    for key in ("device", "seq", "top", "cam"):
-        if key not in obj:
-            raise PayloadError(f"no {key!r}")
-    top = obj["top"]
-    if not isinstance(top, list) or not top or not all(
-        isinstance(t, dict) and isinstance(t.get("label"), str) and _number(t.get("score")) for t in top
-    ):
-        raise PayloadError("'top' is not a list of {label, score}")
-    if not isinstance(obj["cam"], dict):
-        raise PayloadError("'cam' is not an object")
-    return obj
-
-
-def _number(v: Any) -> bool:
-    """A finite JSON number (a huge integer is not: it has no float)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def result_line(obj: dict[str, Any]) -> str:
     top = " | ".join(f"{t['label'].split(',')[0]} {t['score']:.2f}" for t in obj["top"])
     timing = obj.get("timing_ms") or {}
     latency = f"  {timing['total']:.1f} ms" if isinstance(timing.get("total"), int | float) else ""
     return f"{obj['device']} #{obj['seq']}  {top}{latency}"
-
-
-def split_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
-    """HOST[:PORT] (and [v6]:PORT) to a host and a port, or EdgecamError."""
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise EdgecamError(f"--broker {text!r}: unclosed [")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise EdgecamError(f"--broker {text!r}: expected [HOST]:PORT")
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, p = text.split(":")
-        port = _port(p, text)
-    if not host:
-        raise EdgecamError(f"--broker {text!r}: no host")
-    return host, port
-
-
-def _port(p: str, text: str) -> int:
-    if not p.isdigit() or not 0 < int(p) < 65536:
-        raise EdgecamError(f"--broker {text!r}: port {p!r} is not 1..65535")
-    return int(p)
 
 
 def run_watch(args: argparse.Namespace) -> int:

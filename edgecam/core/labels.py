@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import EdgecamError, shown
+from edgecam.core.errors import EdgecamError, shown
 
 _NUMBERED = re.compile(r"^\s*(\d+)[\s:]+(.*\S)\s*$")
 

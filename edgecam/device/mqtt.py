@@ -31,9 +31,10 @@ from typing import Any, Protocol
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .config import MqttConfig
-from .errors import EdgecamError
-from .spool import Spool
+from edgecam.broker import reason as _reason
+from edgecam.broker import tls_context
+from edgecam.device.config import MqttConfig
+from edgecam.device.spool import Spool
 
 log = logging.getLogger("edgecam")
 
@@ -58,34 +59,6 @@ class Sink(Protocol):
 
 def topic(prefix: str, device: str, name: str) -> str:
     return f"{prefix}/{device}/{name}"
-
-
-def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
-    """TLS 1.2 or newer, host names checked, the system's CAs unless a CA file is given."""
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
-    except (ssl.SSLError, OSError) as exc:
-        raise EdgecamError(f"mqtt.ca_file: {cfg.ca_file}: not a usable CA certificate ({_reason(exc)})") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.cert_file:
-        try:
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
-        except (ssl.SSLError, OSError) as exc:
-            raise EdgecamError(
-                f"mqtt.cert_file/key_file: {cfg.cert_file}, {cfg.key_file}: not a usable certificate and key "
-                f"({_reason(exc)})"
-            ) from None
-    return ctx
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split())
 
 
 class MqttSink:

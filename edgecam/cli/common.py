@@ -1,0 +1,25 @@
+"""What several commands share: loading the classifier from the model flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from edgecam.core.errors import EdgecamError
+from edgecam.core.manifest import resolve
+from edgecam.core.model import Classifier, HeadNames
+
+
+def load_classifier(args: argparse.Namespace, model: str | None = None) -> Classifier:
+    if bool(args.feature_tensor) != bool(args.weights_tensor):
+        raise EdgecamError("--feature-tensor and --weights-tensor go together")
+    if args.threads is None:
+        env = os.environ.get("EDGECAM_THREADS", "2")
+        if not env.strip().isdigit():
+            raise EdgecamError(f"EDGECAM_THREADS={env!r} is not a whole number")
+        args.threads = int(env)
+    if args.threads < 1 or args.threads > 64:
+        raise EdgecamError(f"--threads {args.threads} is out of range (1..64)")
+    local = resolve(model or args.model, args.labels)
+    names = HeadNames(args.feature_tensor, args.weights_tensor, args.bias_tensor) if args.feature_tensor else None
+    return Classifier(local.path, local.labels, num_threads=args.threads, name=local.name, head_names=names)

@@ -1,0 +1,1 @@
+"""The device: sources, capture, the frame loop, spool, broker sink, commands, service."""

@@ -1,0 +1,1 @@
+"""The web side: the fleet dashboard."""
