@@ -19,8 +19,8 @@ from typing import BinaryIO, TextIO
 
 from edgecam.core.errors import EdgecamError
 
-MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
-_PACKAGED_MANIFEST = Path(__file__).resolve().parent / "manifest.toml"
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
+_PACKAGED_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.toml"
 
 
 @dataclass(frozen=True)
