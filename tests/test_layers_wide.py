@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from conftest import DEFAULT_MODEL, IMAGES, LABELS, MODELS, one_error_line, run_cli
 
+from edgecam.core.explain import explain_frame
 from edgecam.core.layers import stages
+from edgecam.core.methods import make
+from edgecam.core.methods.wide import wide_size
 from edgecam.core.model import Classifier
-from edgecam.core.wide import WideCam, wide_size
 
 pytestmark = pytest.mark.model
 
@@ -57,8 +59,8 @@ def test_wide_size() -> None:
 
 def test_wide_cam_is_7x13_for_16_9_and_keeps_the_logit_identity() -> None:
     clf = Classifier(DEFAULT_MODEL, LABELS)
-    wide = WideCam(clf)
-    exp = wide.explain(cv2.imread(str(IMAGES / "cat_720p.jpg")), 3)
+    wide = make("wide")
+    exp = explain_frame(clf, cv2.imread(str(IMAGES / "cat_720p.jpg")), 3, method=wide)
     if os.environ.get("EDGECAM_RUNTIME") == "tflite" and wide.reason:
         pytest.skip(f"tflite-runtime: {wide.reason}")
     assert wide.reason == ""

@@ -12,8 +12,9 @@ from conftest import DEFAULT_MODEL, IMAGES, LABELS, one_error_line, run_cli
 
 from edgecam.core.evaluate import auc, pointing
 from edgecam.core.explain import explain_frame
+from edgecam.core.methods import make
+from edgecam.core.methods.occlusion import grey, occluded_inputs, positions
 from edgecam.core.model import Classifier
-from edgecam.core.occlusion import grey, occluded_inputs, occlusion_maps, positions
 from edgecam.core.preprocess import to_input
 from edgecam.core.render import heatmap
 
@@ -55,9 +56,10 @@ def test_occlusion_and_cam_agree_on_where_the_object_is(clf: Classifier, name: s
     frame = cv2.imread(str(IMAGES / name))
     exp = explain_frame(clf, frame, 1)
     x, _ = to_input(frame, clf.input)
-    occ = occlusion_maps(clf, x, exp.cam_ids)
+    occ = make("occlusion").maps(clf, x, clf.infer(x), exp.cam_ids)
     assert occ.maps.shape == (1, 7, 7)
-    assert occ.inferences == 50 and not occ.batched  # the shared MobileNetV2 refuses a batch resize
+    # The shared MobileNetV2 refuses a batch resize: the prediction and one invoke() per position.
+    assert occ.inferences == 50 and occ.how == "one invoke() each" and occ.detail == "7x7 positions"
     h, w = frame.shape[:2]
     distance = np.linalg.norm(_peak(exp.cams[0], w, h) - _peak(occ.maps[0], w, h))
     assert distance < 0.3, f"CAM and occlusion peaks {distance:.2f} of the frame apart"

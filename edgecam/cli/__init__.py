@@ -12,6 +12,8 @@ from pathlib import Path
 from edgecam import __version__
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
+from edgecam.core.evaluate import DEFAULT_METHODS
+from edgecam.core.methods import REGISTRY, names
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +32,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-tensor", help="name of the feature-map tensor, when the head search fails")
     p.add_argument("--weights-tensor", help="name of the classifier weights tensor (with --feature-tensor)")
     p.add_argument("--bias-tensor", help="name of the classifier bias tensor (optional)")
+
+
+def _method_help(which: list[str]) -> str:
+    return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in which)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """The explanation methods' options; each method takes those it knows (core/methods)."""
+    p.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
+    p.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random methods (random, and the tie-breaking in evaluate); the same seed "
+                   "gives the same maps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,25 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain INTER_AREA downscaling (slower on large frames; the default fast path is close to it)",
     )
     ex.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    ex.add_argument("--method", choices=("cam", "occlusion"), default="cam",
-                    help="cam (default): the class activation map; occlusion: the score drop under a sliding grey "
-                    "patch, one inference per patch position")
-    ex.add_argument("--wide", action="store_true",
-                    help="keep the frame's aspect: short side at the input size, a wider map (7x13 for 16:9), "
-                    "for models pooled with MEAN")
-    ex.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
-    ex.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
+    ex.add_argument("--method", choices=names(), default="cam", metavar="METHOD",
+                    help=f"how to explain (default cam): {_method_help(names())}")
+    ex.add_argument("--wide", action="store_true", help="the same as --method wide")
+    _add_method_args(ex)
 
     ev = sub.add_parser("evaluate", help="how faithful is a map: deletion, insertion, pointing game (offline)")
     _add_model_args(ev)
     ev.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    ev.add_argument("--method", action="append", choices=("cam", "occlusion", "random"),
-                    help="repeatable (default: all three; random is the baseline)")
+    ev.add_argument("--method", action="append", choices=names(square_input=True), metavar="METHOD",
+                    help="repeatable (default: " + ", ".join(DEFAULT_METHODS) + "; random is the baseline): "
+                    + _method_help(names(square_input=True)))
     ev.add_argument("--masks", type=Path, help="directory of object masks named like the images (white = object)")
     ev.add_argument("--steps", type=int, default=16, help="points on each curve after the start (default 16)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the random baseline and of tie-breaking")
-    ev.add_argument("--patch", type=int, default=56, help="occlusion patch side (default 56)")
-    ev.add_argument("--stride", type=int, default=28, help="occlusion stride (default 28)")
+    _add_method_args(ev)
     ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     la = sub.add_parser("layers", help="each stage's channel-mean activation over the frame, in one picture")

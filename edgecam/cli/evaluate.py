@@ -9,12 +9,13 @@ from dataclasses import asdict
 
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
-from edgecam.core.evaluate import METHODS, Score, evaluate_image, means, table
+from edgecam.core.evaluate import DEFAULT_METHODS, Score, evaluate_image, means, table
 from edgecam.core.images import iter_images
+from edgecam.core.methods import make
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    methods = list(dict.fromkeys(args.method or METHODS))
+    methods = [make(name, **vars(args)) for name in dict.fromkeys(args.method or DEFAULT_METHODS)]
     if not 2 <= args.steps <= 200:
         raise EdgecamError(f"--steps {args.steps}: must be from 2 to 200")
     if args.masks and not args.masks.is_dir():
@@ -28,7 +29,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         try:
-            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, args.patch, args.stride)
+            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks)
         except EdgecamError as exc:
             print(f"edgecam: {exc}", file=sys.stderr)
             failed += 1

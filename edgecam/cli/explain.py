@@ -13,8 +13,7 @@ from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
 from edgecam.core.images import iter_images
 from edgecam.core.labels import class_id
-from edgecam.core.occlusion import occlusion_maps
-from edgecam.core.preprocess import to_input
+from edgecam.core.methods import make
 from edgecam.core.render import overlay, write_image
 
 
@@ -46,8 +45,13 @@ class _Progress:
 def run_explain(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise EdgecamError(f"--top {args.top}: must be at least 1")
-    if args.patch < 1 or args.stride < 1:
-        raise EdgecamError(f"--patch {args.patch} --stride {args.stride}: both must be at least 1 pixel")
+    if args.wide:
+        if args.method not in ("cam", "wide"):
+            raise EdgecamError(f"--wide works with --method cam only ({args.method} runs on the square input)")
+        args.method = "wide"
+    if args.method == "wide" and args.crop:
+        raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")
+    method = make(args.method, **vars(args))
     clf = load_classifier(args)
     extra = [class_id(c, clf.labels) for c in args.classes]
     if args.out:
@@ -56,15 +60,6 @@ def run_explain(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise EdgecamError(f"{args.out}: cannot create output directory ({exc.strerror or exc})") from None
     styles = ["blend", "dim"] if args.style == "both" else [args.style]
-    wide = None
-    if args.wide:
-        from edgecam.core.wide import WideCam
-
-        if args.crop:
-            raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")
-        if args.method == "occlusion":
-            raise EdgecamError("--wide works with --method cam only (occlusion runs on the square input)")
-        wide = WideCam(clf)
     said = ""
     items = list(iter_images(args.images))
     progress = _Progress(len(items))
@@ -79,22 +74,18 @@ def run_explain(args: argparse.Namespace) -> int:
             reason = problem or "cannot read as an image (unsupported or corrupt file)"
             print(f"edgecam: {path}: {reason}", file=sys.stderr)
             continue
-        if wide is not None:
-            exp = wide.explain(frame, args.top, extra)
-            if wide.reason and wide.reason != said:
-                said = wide.reason
-                progress.close()
-                print(f"edgecam: --wide: {wide.reason}; using the square input", file=sys.stderr)
-        else:
-            exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize)
-        if args.method == "occlusion":
-            x, _ = to_input(frame, clf.input, args.crop, args.exact_resize)
-            occ = occlusion_maps(clf, x, exp.cam_ids, args.patch, args.stride)
-            exp.cams = occ.maps
-            how = "one batched invoke()" if occ.batched else "one invoke() each"
+        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize, method=method)
+        if method.notice and method.notice != said:
+            said = method.notice
             progress.close()
-            print(f"edgecam: {path.name}: occlusion: {occ.positions[0]}x{occ.positions[1]} positions, "
-                  f"{occ.inferences} inferences ({how}), {occ.seconds * 1e3:.0f} ms", file=sys.stderr)
+            print(f"edgecam: --method {method.name}: {method.notice}; using the square input", file=sys.stderr)
+        made = exp.made
+        if made is not None and method.cost != "frame":
+            progress.close()
+            how = f" ({made.how})" if made.how else ""
+            detail = f"{made.detail}, " if made.detail else ""
+            print(f"edgecam: {path.name}: {method.name}: {detail}{made.inferences} inferences{how}, "
+                  f"{made.seconds * 1e3:.0f} ms", file=sys.stderr)
         if args.out:
             stem = _unique(path.stem, used)
             for cid, m in zip(exp.cam_ids, exp.cams, strict=True):

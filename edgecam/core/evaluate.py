@@ -17,12 +17,14 @@ import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError
-from edgecam.core.explain import explain_inference
+from edgecam.core.methods import Method, Scorer, names
+from edgecam.core.methods.occlusion import grey
 from edgecam.core.model import Classifier
-from edgecam.core.occlusion import grey, occlusion_maps
 from edgecam.core.preprocess import to_input
 
-METHODS = ("cam", "occlusion", "random")
+# Scored on the model's square input; by default the ones that cost at most tens of inferences a map.
+METHODS = tuple(names(square_input=True))
+DEFAULT_METHODS = tuple(names(("frame", "map"), square_input=True))
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Score:
     insertion: float
     pointing: float | None = None
     energy: float | None = None
+    ms: float = 0.0  # the method's time for this map (the prediction's inference not included)
+    inferences: int = 1  # the model runs it took, the prediction's included
 
 
 def saliency(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -49,24 +53,24 @@ def order(sal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def curves(clf: Classifier, x: np.ndarray, cls: int, sal: np.ndarray, steps: int,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator, scorer: Scorer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class score after removing (deletion) and revealing (insertion) 0, 1/steps, ..., 1 of the pixels."""
+    scorer = scorer or Scorer(clf)
     _, h, w, c = x.shape
     idx = order(sal, rng)
     flat = x.reshape(h * w, c)
     fill = np.asarray(grey(clf.input)).astype(x.dtype)
     blurred = cv2.GaussianBlur(x[0].astype(np.float32), (0, 0), sigmaX=max(h, w) / 16).astype(x.dtype)
     blur_flat = blurred.reshape(h * w, c)
-    deletion, insertion = [], []
+    batch = np.empty((2 * (steps + 1), h * w, c), x.dtype)
     for k in range(steps + 1):
         n = round(k / steps * h * w)
-        gone = flat.copy()
-        gone[idx[:n]] = fill
-        deletion.append(clf.infer(gone.reshape(1, h, w, c)).scores[cls])
-        shown = blur_flat.copy()
-        shown[idx[:n]] = flat[idx[:n]]
-        insertion.append(clf.infer(shown.reshape(1, h, w, c)).scores[cls])
-    return np.array(deletion), np.array(insertion)
+        batch[2 * k] = flat
+        batch[2 * k, idx[:n]] = fill
+        batch[2 * k + 1] = blur_flat
+        batch[2 * k + 1, idx[:n]] = flat[idx[:n]]
+    scores = scorer(batch.reshape(-1, h, w, c))[:, cls]
+    return scores[0::2].copy(), scores[1::2].copy()
 
 
 def auc(curve: np.ndarray) -> float:
@@ -95,29 +99,24 @@ def load_mask(masks: Path, image: Path, height: int, width: int) -> np.ndarray |
     return None
 
 
-def evaluate_image(clf: Classifier, path: Path, methods: list[str], steps: int, seed: int,
-                   masks: Path | None, patch: int, stride: int) -> list[Score]:
+def evaluate_image(clf: Classifier, path: Path, methods: list[Method], steps: int, seed: int,
+                   masks: Path | None, scorer: Scorer | None = None) -> list[Score]:
     frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if frame is None:
         raise EdgecamError(f"{path}: cannot read as an image")
-    x, box = to_input(frame, clf.input)
+    # The same input for the maps and for the curves, prepared once.
+    x, _ = to_input(frame, clf.input)
     _, h, w, _ = x.shape
-    # The same input for the map and for the curves, prepared once.
-    exp = explain_inference(clf, clf.infer(x), box, 1)
-    cls = exp.top[0][0]
+    inf = clf.infer(x)
+    cls = int(np.argmax(inf.scores))
     mask = load_mask(masks, path, h, w) if masks else None
     out = []
     for method in methods:
-        rng = np.random.default_rng(seed)
-        if method == "cam":
-            grid = exp.cams[0]
-        elif method == "occlusion":
-            grid = occlusion_maps(clf, x, [cls], patch, stride).maps[0]
-        else:
-            grid = rng.random(exp.cams[0].shape).astype(np.float32)
-        sal = saliency(grid, h, w)
-        deletion, insertion = curves(clf, x, cls, sal, steps, rng)
-        score = Score(path.name, method, cls, clf.labels[cls], auc(deletion), auc(insertion))
+        made = method.maps(clf, x, inf, [cls], scorer)
+        sal = saliency(made.maps[0], h, w)
+        deletion, insertion = curves(clf, x, cls, sal, steps, np.random.default_rng(seed), scorer)
+        score = Score(path.name, method.name, cls, clf.labels[cls], auc(deletion), auc(insertion),
+                      ms=made.seconds * 1e3, inferences=made.inferences)
         if mask is not None:
             score.pointing, score.energy = pointing(sal, mask)
         out.append(score)
@@ -125,8 +124,8 @@ def evaluate_image(clf: Classifier, path: Path, methods: list[str], steps: int, 
 
 
 def table(scores: list[Score]) -> str:
-    head = (f"{'image':18s} {'method':10s} {'class':16s} {'deletion':>9s} {'insertion':>10s} {'pointing':>9s} "
-            f"{'energy':>7s}")
+    head = (f"{'image':18s} {'method':10s} {'class':16s} {'deletion':>9s} {'insertion':>10s} {'ms':>8s} "
+            f"{'pointing':>9s} {'energy':>7s}")
     lines = [head, "-" * len(head)]
 
     def fmt(v: float | None, width: int) -> str:
@@ -134,12 +133,13 @@ def table(scores: list[Score]) -> str:
 
     for s in scores:
         lines.append(f"{s.image[:18]:18s} {s.method:10s} {s.label.split(',')[0][:16]:16s} {fmt(s.deletion, 9)} "
-                     f"{fmt(s.insertion, 10)} {fmt(s.pointing, 9)} {fmt(s.energy, 7)}")
+                     f"{fmt(s.insertion, 10)} {s.ms:8.1f} {fmt(s.pointing, 9)} {fmt(s.energy, 7)}")
     lines.append("-" * len(head))
     for method, m in means(scores).items():
         lines.append(f"{'mean':18s} {method:10s} {'':16s} {fmt(m['deletion'], 9)} {fmt(m['insertion'], 10)} "
-                     f"{fmt(m['pointing'], 9)} {fmt(m['energy'], 7)}")
-    lines.append("deletion: lower is better; insertion, pointing, energy: higher is better")
+                     f"{m['ms'] or 0.0:8.1f} {fmt(m['pointing'], 9)} {fmt(m['energy'], 7)}")
+    lines.append("deletion: lower is better; insertion, pointing, energy: higher is better; "
+                 "ms: the map's time, the prediction's inference not included")
     return "\n".join(lines)
 
 
@@ -148,7 +148,7 @@ def means(scores: list[Score]) -> dict[str, dict[str, float | None]]:
     for method in dict.fromkeys(s.method for s in scores):
         group = [s for s in scores if s.method == method]
         row: dict[str, float | None] = {}
-        for key in ("deletion", "insertion", "pointing", "energy"):
+        for key in ("deletion", "insertion", "pointing", "energy", "ms"):
             values = [getattr(s, key) for s in group if getattr(s, key) is not None]
             row[key] = float(np.mean(values)) if values else None
         out[method] = row

@@ -1,4 +1,5 @@
-"""`edgecam explain`: classify image files and explain each with CAMs, offline."""
+"""The per-frame pipeline: prepare the frame, one inference, top-k, and the maps of an explanation
+method (the CAM unless another is given) for top-1 and the classes asked for."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 import numpy as np
 
 from edgecam.core import cam as cam_math
+from edgecam.core.methods import Maps, Method, Scorer, make
 from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import Box, to_input
+
+CAM = make("cam")
 
 
 @dataclass
@@ -19,9 +23,10 @@ class Explanation:
 
     top: list[tuple[int, str, float]]  # (id, label, score), best first
     cam_ids: list[int]  # top-1 first, then the classes asked for
-    cams: np.ndarray  # raw maps [len(cam_ids), H, W]
+    cams: np.ndarray  # raw maps [len(cam_ids), H, W], of the method used (the CAM by default)
     box: Box
     view: np.ndarray | None = None  # the box of the frame, scaled down on the way to the model (BGR)
+    made: Maps | None = None  # the method's account: inferences, time, what it did
 
 
 def explain_frame(
@@ -32,18 +37,21 @@ def explain_frame(
     crop: bool = False,
     exact: bool = False,
     timing: dict[str, float] | None = None,
+    method: Method = CAM,
+    scorer: Scorer | None = None,
 ) -> Explanation:
-    """Preprocess, one invoke(), top-k, and the CAMs of top-1 and `extra`, in one product.
+    """Preprocess, one invoke(), top-k, and the method's maps of top-1 and `extra`.
 
-    With `timing`, the milliseconds of each stage are stored in it: pre, infer, cam.
+    With `timing`, the milliseconds of each stage are stored in it: pre, infer, cam (the maps).
     """
     t0 = time.perf_counter()
     keep: dict = {}
-    x, box = to_input(frame_bgr, clf.input, crop, exact, keep)
+    spec, interpreter = method.input_for(clf, frame_bgr.shape)
+    x, box = to_input(frame_bgr, spec, crop, exact, keep)
     t1 = time.perf_counter()
-    inf = clf.infer(x)
+    inf = clf.infer(x, interpreter)
     t2 = time.perf_counter()
-    exp = explain_inference(clf, inf, box, top_k, extra, keep.get("view"))
+    exp = explain_inference(clf, inf, box, top_k, extra, keep.get("view"), method, x, scorer)
     if timing is not None:
         t3 = time.perf_counter()
         timing.update(pre=(t1 - t0) * 1e3, infer=(t2 - t1) * 1e3, cam=(t3 - t2) * 1e3)
@@ -57,12 +65,17 @@ def explain_inference(
     top_k: int = 3,
     extra: list[int] | None = None,
     view: np.ndarray | None = None,
+    method: Method = CAM,
+    x: np.ndarray | None = None,
+    scorer: Scorer | None = None,
 ) -> Explanation:
-    """Top-k and the CAMs of top-1 and `extra` from one inference."""
+    """Top-k and the method's maps of top-1 and `extra` from one inference (of x, which the
+    methods that run the model again need)."""
     idx = cam_math.top_k(inf.scores, top_k)
     top = [(int(i), clf.labels[int(i)], float(inf.scores[i])) for i in idx]
     cam_ids = [top[0][0]] + [c for c in (extra or []) if c != top[0][0]]
-    return Explanation(top, cam_ids, clf.cams(inf, cam_ids), box, view)
+    made = method.maps(clf, x, inf, cam_ids, scorer)  # type: ignore[arg-type]
+    return Explanation(top, cam_ids, made.maps, box, view, made)
 
 
 def to_json(image: str, model: str, exp: Explanation, labels: list[str]) -> dict[str, Any]:

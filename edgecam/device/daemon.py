@@ -18,6 +18,7 @@ import numpy as np
 from edgecam.contract import result_payload
 from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame
+from edgecam.core.methods import make as make_method
 from edgecam.core.model import Classifier
 from edgecam.core.preprocess import Box
 from edgecam.core.render import overlay, resize_picture
@@ -31,6 +32,12 @@ from edgecam.device.sources import Frame, SourceEnded
 from edgecam.device.stats import StageTimes, cpu_temperature, stats_payload
 
 log = logging.getLogger("edgecam")
+
+# The method behind every result's maps and the explain command's, chosen from the one registry.
+# Only a method of cost "frame" fits the frame budget: the CAM comes from the prediction's own
+# inference; occlusion (50 inferences) and the sampling methods (hundreds) would divide the frame
+# rate by as much, so they are offline tools (`edgecam explain --method`). See docs/explain.md.
+DAEMON_METHOD = "cam"
 
 SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays")
 
@@ -100,6 +107,7 @@ class Daemon:
         self.policy = PublishPolicy(cfg.loop.publish, cfg.loop.change_delta, cfg.loop.heartbeat)
         self.overlays = EveryN(cfg.loop.overlay_every)
         self.requests = Requests()
+        self.method = make_method(DAEMON_METHOD)
         self.snapshot = threading.Event()
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -259,7 +267,7 @@ class Daemon:
         start = time.monotonic()
         t: dict[str, float] = {"capture_age": (start - frame.mono) * 1e3}
         extra = self.requests.take()
-        exp = explain_frame(self.clf, frame.image, 3, extra, self.cfg.model.crop, timing=t)
+        exp = explain_frame(self.clf, frame.image, 3, extra, self.cfg.model.crop, timing=t, method=self.method)
         self.processed += 1
         top_id, _, top_score = exp.top[0]
         t["total"] = t["capture_age"] + t["pre"] + t["infer"] + t["cam"]

@@ -15,19 +15,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edgecam.core.model import Classifier
+from edgecam.core.errors import EdgecamError
+from edgecam.core.methods.base import Maps, Method, Scorer
+from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import InputSpec
 
-log = logging.getLogger("edgecam")
-
-
-@dataclass
-class Occlusion:
-    maps: np.ndarray  # [n_classes, grid rows, grid cols] score drops, on the CAM's grid
-    positions: tuple[int, int]  # patch positions, rows x cols
-    inferences: int
-    seconds: float
-    batched: bool
+log = logging.getLogger(__name__)
 
 
 def grey(spec: InputSpec) -> float:
@@ -73,25 +66,39 @@ def pixel_map(drops: np.ndarray, height: int, width: int, patch: int, stride: in
     return total / np.maximum(count, 1)
 
 
-def occlusion_maps(
-    clf: Classifier, x: np.ndarray, classes: list[int], patch: int = 56, stride: int = 28
-) -> Occlusion:
-    """Score drops of `classes` for each patch position. One batched invoke() where the model's input
-    can be resized to a batch; else one invoke() per position."""
-    start = time.perf_counter()
-    base = clf.infer(x).scores[classes]
-    batch, rows, cols = occluded_inputs(x, clf.input, patch, stride)
-    scores = _batched(clf, batch)
-    batched = scores is not None
-    if scores is None:
-        scores = np.stack([clf.infer(batch[k : k + 1]).scores for k in range(len(batch))])
-    drops = (base[None, :] - scores[:, classes]).T.reshape(len(classes), rows, cols)
-    _, h, w, _ = x.shape
-    gh, gw = clf.feature_shape[1:3]
-    maps = np.stack(
-        [cv2.resize(pixel_map(d, h, w, patch, stride), (gw, gh), interpolation=cv2.INTER_AREA) for d in drops]
-    ).astype(np.float32)
-    return Occlusion(maps, (rows, cols), 1 + (1 if batched else len(batch)), time.perf_counter() - start, batched)
+@dataclass
+class Occlusion(Method):
+    """Score drops under a grey patch at each position, averaged onto the CAM's grid."""
+
+    name = "occlusion"
+    summary = "the score drop under a sliding grey patch, one inference per patch position"
+    cost = "map"
+    patch: int = 56  # side, in model input pixels
+    stride: int = 28
+
+    def __post_init__(self) -> None:
+        if self.patch < 1 or self.stride < 1:
+            raise EdgecamError(f"--patch {self.patch} --stride {self.stride}: both must be at least 1 pixel")
+
+    def maps(self, clf: Classifier, x: np.ndarray, inference: Inference, classes: list[int],
+             scorer: Scorer | None = None) -> Maps:
+        start = time.perf_counter()
+        base = inference.scores[classes]
+        batch, rows, cols = occluded_inputs(x, clf.input, self.patch, self.stride)
+        scores = _batched(clf, batch)
+        batched = scores is not None
+        if scores is None:
+            scorer = scorer or Scorer(clf)
+            scores = scorer(batch)
+        drops = (base[None, :] - scores[:, classes]).T.reshape(len(classes), rows, cols)
+        _, h, w, _ = x.shape
+        gh, gw = clf.feature_shape[1:3]
+        maps = np.stack([
+            cv2.resize(pixel_map(d, h, w, self.patch, self.stride), (gw, gh), interpolation=cv2.INTER_AREA)
+            for d in drops
+        ]).astype(np.float32)
+        return Maps(maps, 1 + (1 if batched else len(batch)), time.perf_counter() - start,
+                    f"{rows}x{cols} positions", "one batched invoke()" if batched else scorer.how())
 
 
 def _batched(clf: Classifier, batch: np.ndarray) -> np.ndarray | None:
