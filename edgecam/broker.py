@@ -1,11 +1,32 @@
-"""Talking to an MQTT broker: addresses, TLS."""
+"""Talking to an MQTT broker: addresses, login, TLS, and the one paho client every part uses.
+
+The daemon's sink, the dashboard and `edgecam watch` all connect through BrokerClient, built
+from BrokerOptions: so each gets the same login, TLS (1.2 or newer, host names checked, client
+certificates), reconnect backoff, and the same one-line reasons when a broker refuses or fails.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import ssl
-from typing import Protocol
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgecam.core.errors import EdgecamError
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "EDGECAM_MQTT_PASSWORD"
+KEEPALIVE_TIMEOUT = 141  # paho's reason code when nothing came back within the keepalive
 
 
 class TlsFiles(Protocol):
@@ -42,22 +63,215 @@ def _port(p: str, text: str) -> int:
     return int(p)
 
 
-def tls_context(cfg: TlsFiles) -> ssl.SSLContext:
-    """TLS 1.2 or newer, host names checked, the system's CAs unless a CA file is given."""
+def tls_context(cfg: TlsFiles, names: tuple[str, str] = ("mqtt.ca_file", "mqtt.cert_file/key_file")) -> ssl.SSLContext:
+    """TLS 1.2 or newer, host names checked, the system's CAs unless a CA file is given.
+
+    `names` are what the error lines call the CA file and the certificate pair (config keys or flags).
+    """
     try:
         ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
     except (ssl.SSLError, OSError) as exc:
-        raise EdgecamError(f"mqtt.ca_file: {cfg.ca_file}: not a usable CA certificate ({reason(exc)})") from None
+        raise EdgecamError(f"{names[0]}: {cfg.ca_file}: not a usable CA certificate ({reason(exc)})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert_file:
         try:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
         except (ssl.SSLError, OSError) as exc:
             raise EdgecamError(
-                f"mqtt.cert_file/key_file: {cfg.cert_file}, {cfg.key_file}: not a usable certificate and key "
-                f"({reason(exc)})"
+                f"{names[1]}: {cfg.cert_file}, {cfg.key_file}: not a usable certificate and key ({reason(exc)})"
             ) from None
     return ctx
+
+
+def read_password(path: str, where: str) -> str:
+    """The first line's worth of a password file (its line ending is not part of the password)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:80]
+        raise EdgecamError(f"{where}: {path}: cannot read ({why})") from None
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """How to reach and log in to a broker; built from the daemon's [mqtt] settings or a command's flags."""
+
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str = ""
+    username: str = ""
+    password: str | None = None
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    protocol: str = "3.1.1"
+    keepalive: int = 30
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    # What error lines call the TLS files: config keys for the daemon, flags for the commands.
+    tls_names: tuple[str, str] = ("mqtt.ca_file", "mqtt.cert_file/key_file")
+
+    @property
+    def where(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def add_broker_flags(p: argparse.ArgumentParser, username_help: str = "broker user name") -> None:
+    """--broker and the login and TLS flags, the same for every command that talks to a broker."""
+    p.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
+    p.add_argument("--username", help=username_help)
+    p.add_argument("--password-file", help=f"file holding the broker password (or ${PASSWORD_ENV})")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (1.2 or newer, host name checked)")
+    p.add_argument("--ca-file", help="CA certificate for TLS (default: the system's)")
+    p.add_argument("--cert-file", help="client certificate for TLS")
+    p.add_argument("--key-file", help="client key for TLS")
+
+
+def options_from_flags(
+    args: argparse.Namespace, client_id: str = "", environ: Mapping[str, str] | None = None, keepalive: int = 30
+) -> BrokerOptions:
+    """BrokerOptions from the flags add_broker_flags declared, checked, with one line for what is wrong."""
+    environ = os.environ if environ is None else environ
+    host, port = split_broker(args.broker)
+    if bool(args.cert_file) != bool(args.key_file):
+        raise EdgecamError("--cert-file and --key-file go together")
+    if (args.ca_file or args.cert_file) and not args.tls:
+        raise EdgecamError("--ca-file, --cert-file and --key-file need --tls")
+    if args.password_file and not args.username:
+        raise EdgecamError("--password-file needs --username")
+    secret = read_password(args.password_file, "--password-file") if args.password_file else None
+    return BrokerOptions(
+        host=host, port=port, client_id=client_id, username=args.username or "",
+        password=secret if secret is not None else (environ.get(PASSWORD_ENV) or None),
+        tls=bool(args.tls), ca_file=args.ca_file or "", cert_file=args.cert_file or "",
+        key_file=args.key_file or "", keepalive=keepalive, reconnect_min=1.0, reconnect_max=10.0,
+        tls_names=("--ca-file", "--cert-file/--key-file"),
+    )
+
+
+class BrokerClient:
+    """A paho client made from BrokerOptions, saying in one line why a connection failed or ended.
+
+    The owner sets `client.on_message`, `on_publish`, `on_subscribe` as it needs, and gets
+    `on_up(client)` on every accepted connection and `on_down()` whenever one ends or fails.
+    `on_refused(line)`, when given, takes refusals and TLS failures instead of the log (a
+    command run by hand exits on them; the daemon logs them and keeps retrying).
+    """
+
+    def __init__(
+        self,
+        opts: BrokerOptions,
+        name: str,
+        *,
+        will: tuple[str, bytes | str, int, bool] | None = None,
+        on_up: Callable[[paho.Client], None] | None = None,
+        on_down: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.opts = opts
+        self.name = name
+        self.where = opts.where
+        self.on_up = on_up
+        self.on_down = on_down
+        self.on_refused = on_refused
+        self.log = logger or log
+        self.connected = False
+        self._closing = False
+        self._refused = False
+        self._delay = 0.0
+        self._since: float | None = None  # when the broker was last lost (or first missed)
+        # Built before the client, so a bad CA or key file is one line at start, not a dead network thread.
+        context = tls_context(opts, opts.tls_names) if opts.tls else None
+        proto = paho.MQTTv5 if opts.protocol == "5" else paho.MQTTv311
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=proto)
+        if will is not None:
+            self.client.will_set(*will)
+        self.client.reconnect_delay_set(*self._delays())
+        if opts.username:
+            self.client.username_pw_set(opts.username, opts.password)
+        if context is not None:
+            self.client.tls_set_context(context)
+        # An exception in a callback would end paho's network thread, and with it all traffic.
+        self.client.suppress_exceptions = True
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+
+    def start(self) -> None:
+        self.client.connect_async(self.opts.host, self.opts.port, keepalive=self.opts.keepalive)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._closing = True
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks (its network thread) ---------------------------------------------
+    def _delays(self) -> tuple[int, int]:
+        return max(1, round(self.opts.reconnect_min)), max(1, round(self.opts.reconnect_max))
+
+    def _next_delay(self) -> float:
+        """The wait before paho's next try, as paho computes it: doubling from the first to the longest."""
+        lo, hi = self._delays()
+        self._delay = lo if not self._delay else min(self._delay * 2, hi)
+        return self._delay
+
+    def _failed(self, line: str, refusal: bool) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+        if refusal and self.on_refused is not None:
+            self.on_refused(line)
+        else:
+            self.log.error("%s: %s; retrying in %g s", self.name, line, self._next_delay())
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused = True
+            self._failed(f"{self.where} refused the connection: {reason}", refusal=True)
+            return
+        gone = f" after {time.monotonic() - self._since:.0f} s away" if self._since is not None else ""
+        who = f" as {self.opts.client_id}" if self.opts.client_id else ""
+        self.log.info("%s: connected to %s%s%s", self.name, self.where, who, gone)
+        self._delay, self._since = 0.0, None
+        self.connected = True
+        if self.on_up is not None:
+            self.on_up(client)
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was, self.connected = self.connected, False
+        refused, self._refused = self._refused, False
+        if self.on_down is not None:
+            self.on_down()
+        if self._closing:
+            return
+        silent = reason == KEEPALIVE_TIMEOUT
+        if was:
+            self._since = time.monotonic()
+            why = f"no answer within the keepalive, {self.opts.keepalive} s" if silent else str(reason)
+            self.log.warning("%s: lost the connection to %s (%s); reconnecting", self.name, self.where, why)
+        elif silent:
+            # The connection opened and then nothing came back: a broker stopped without closing its
+            # sockets (frozen, overloaded), or a network that drops packets.
+            self._failed(f"no answer from {self.where} within the keepalive ({self.opts.keepalive} s) "
+                         "after the connection opened", refusal=False)
+        elif not refused:
+            # Closed by the broker before it accepted us: with TLS 1.3 a missing or rejected client
+            # certificate shows up only here, after the handshake seemed to succeed.
+            self._failed(f"{self.where} closed the connection before accepting it "
+                         f"({reason}; a client certificate it wants?)", refusal=self.opts.tls)
+
+    def _on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+        exc = sys.exc_info()[1]  # paho calls this from inside its except block
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            self._failed(f"TLS with {self.where} failed: {reason(exc)}", refusal=True)
+        else:
+            why = f" ({reason(exc)})" if exc is not None else ""
+            if self._since is None:
+                self._since = time.monotonic()
+            self.log.warning("%s: cannot reach %s%s; retrying in %g s", self.name, self.where, why,
+                             self._next_delay())
 
 
 def reason(exc: BaseException) -> str:

@@ -1,4 +1,7 @@
-"""MQTT contract v1 payloads: the result JSON and its compressed heatmap. Pure functions.
+"""MQTT contract v1: device ids, topics, the result JSON and its compressed heatmap. Pure functions.
+
+Everything a consumer of edgecam's messages relies on is defined here once: the daemon,
+its configuration, Home Assistant discovery, the dashboard and `edgecam watch` all use it.
 
 The raw CAM (w x h floats) travels as an 8-bit grayscale PNG, min..max scaled to
 0..255, base64 in the JSON; a consumer recovers it as min + (max - min) * p / 255.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,9 +21,28 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgecam.core.errors import shown
+from edgecam.core.errors import EdgecamError, shown
 
 CONTRACT_VERSION = 1
+
+# A device id is one topic level, the MQTT client id and part of Home Assistant's node and
+# entity ids: letters, digits and _ . - fit all three everywhere, and 64 keeps every topic short.
+MAX_DEVICE_ID = 64
+DEVICE_ID_RULE = f"1 to {MAX_DEVICE_ID} characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+_DEVICE_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_DEVICE_ID - 1}}}")
+# The prefix is one topic level too, but a deployment may already use any printable name for it.
+MAX_PREFIX = 128
+PREFIX_RULE = f"one MQTT topic level: 1 to {MAX_PREFIX} printable characters, no / + #, no surrounding spaces"
+
+# Topic names under <prefix>/<device>/.
+RESULT = "result"
+OVERLAY = "overlay"
+STATUS = "status"
+STATS = "stats"
+CMD = "cmd"
+CMD_REPLY = "cmd/reply"
+TOPIC_NAMES = (RESULT, OVERLAY, STATUS, STATS, CMD, CMD_REPLY)
+ANY_DEVICE = "+"  # the wildcard level, for subscribers
 
 
 # Maps are 7x7 for MobileNetV2, or the size the config asks for; anything far bigger is not ours.
@@ -29,6 +52,65 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 class PayloadError(ValueError):
     """A payload that does not follow the contract."""
+
+
+class ContractError(EdgecamError, ValueError):
+    """A device id, prefix or topic that the contract does not allow; the message is one line."""
+
+
+def is_device_id(text: object) -> bool:
+    return isinstance(text, str) and _DEVICE_ID.fullmatch(text) is not None
+
+
+def check_device_id(text: str, where: str = "device id") -> str:
+    """The id itself, or ContractError naming `where` and the rule."""
+    if not is_device_id(text):
+        raise ContractError(f"{where}: {shown(text)} is not a device id ({DEVICE_ID_RULE})")
+    return text
+
+
+def device_id_from(name: str, fallback: str = "edgecam") -> str:
+    """A device id made from any name (a host name): other characters become '-', cut to the rule's length."""
+    text = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in name)
+    text = text.lstrip("_.-")[:MAX_DEVICE_ID]
+    return text if is_device_id(text) else fallback
+
+
+def is_prefix(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and 0 < len(text) <= MAX_PREFIX
+        and text.isprintable()
+        and text.strip() == text
+        and not any(c in text for c in "/+#")
+    )
+
+
+def check_prefix(text: str, where: str = "prefix") -> str:
+    if not is_prefix(text):
+        raise ContractError(f"{where}: {shown(text)} is not a usable topic prefix ({PREFIX_RULE})")
+    return text
+
+
+def topic(prefix: str, device: str, name: str) -> str:
+    """`<prefix>/<device>/<name>`; `device` may be ANY_DEVICE to subscribe to every device."""
+    if name not in TOPIC_NAMES:
+        raise ValueError(f"{name!r} is not a contract v1 topic name")
+    return f"{prefix}/{device}/{name}"
+
+
+def parse_topic(prefix: str, text: str) -> tuple[str, str] | None:
+    """(device level, name) of a contract topic under `prefix`, or None for any other topic.
+
+    The device level is returned as found: the caller decides what to do when it is not a device id.
+    """
+    head, sep, rest = text.partition("/")
+    if not sep or head != prefix:
+        return None
+    device, sep, name = rest.partition("/")
+    if not sep or name not in TOPIC_NAMES:
+        return None
+    return device, name
 
 
 def encode_cam(cam: np.ndarray) -> dict[str, Any]:
@@ -127,6 +209,8 @@ def check_result(obj: Any) -> dict[str, Any]:
     for key in ("device", "seq", "top", "cam"):
         if key not in obj:
             raise PayloadError(f"no {key!r}")
+    if not is_device_id(obj["device"]):
+        raise PayloadError(f"'device' {shown(obj['device'])} is not a device id")
     top = obj["top"]
     if not isinstance(top, list) or not top or not all(
         isinstance(t, dict) and isinstance(t.get("label"), str) and _number(t.get("score")) for t in top

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgecam.cli.watch import SHADES, check_result, result_line, split_broker, text_heatmap
+from edgecam.broker import split_broker
+from edgecam.cli.watch import SHADES, check_result, result_line, text_heatmap
 from edgecam.contract import PayloadError, decode_cam, result_payload
 from edgecam.core.errors import EdgecamError
 from edgecam.device.policy import EveryN, PublishPolicy

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgecam import __version__
+from edgecam.broker import add_broker_flags
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.evaluate import DEFAULT_METHODS
@@ -156,23 +157,17 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     csub.add_parser("default", help="print a commented default config file")
 
     db = sub.add_parser("dashboard", help="a live web page for a fleet of devices, fed from the broker")
-    db.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
+    add_broker_flags(db, "broker user name; with one, the page can send commands")
     db.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                     help="where the page is served (default 127.0.0.1:8080, this machine only)")
     db.add_argument("--token", help="require ?token=... on every request (or $EDGECAM_DASHBOARD_TOKEN)")
     db.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
     db.add_argument("--stale-after", type=float, default=30.0, metavar="S",
                     help="a device with no result for this long is shown stale (default 30)")
-    db.add_argument("--username", help="broker user name; with one, the page can send commands")
-    db.add_argument("--password-file", help="file holding the broker password (or $EDGECAM_MQTT_PASSWORD)")
-    db.add_argument("--tls", action="store_true", help="connect with TLS (1.2 or newer, host name checked)")
-    db.add_argument("--ca-file", help="CA certificate for TLS (default: the system's)")
-    db.add_argument("--cert-file", help="client certificate for TLS")
-    db.add_argument("--key-file", help="client key for TLS")
     db.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
     w = sub.add_parser("watch", help="print results from the broker as readable lines")
-    w.add_argument("--broker", "-b", default="localhost", metavar="HOST[:PORT]", help="default localhost:1883")
+    add_broker_flags(w)
     w.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
     w.add_argument("--device", "-d", help="only this device (default: all)")
     w.add_argument("--heatmap", action="store_true", help="draw each decoded CAM as text shades")

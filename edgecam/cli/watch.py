@@ -11,16 +11,30 @@ import json
 import logging
 import sys
 import threading
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edgecam.broker import split_broker
-from edgecam.contract import PayloadError, check_result, decode_cam
+from edgecam.broker import BrokerClient, options_from_flags
+from edgecam.contract import (
+    ANY_DEVICE,
+    DEVICE_ID_RULE,
+    RESULT,
+    STATUS,
+    PayloadError,
+    check_device_id,
+    check_prefix,
+    check_result,
+    decode_cam,
+    is_device_id,
+    parse_topic,
+    topic,
+)
 from edgecam.core.cam import normalize
-from edgecam.core.errors import EdgecamError
+from edgecam.core.errors import escaped
+
+log = logging.getLogger(__name__)
 
 SHADES = " ░▒▓█"
 MAX_PAYLOAD = 256 * 1024
@@ -40,33 +54,31 @@ def result_line(obj: dict[str, Any]) -> str:
 
 
 def run_watch(args: argparse.Namespace) -> int:
-    host, port = split_broker(args.broker)
-    device = args.device or "+"
-    for part, name in ((args.prefix, "--prefix"), (device, "--device")):
-        if not part or "/" in part or "#" in part or ("+" in part and part != "+"):
-            raise EdgecamError(f"{name} {part!r} cannot be an MQTT topic level")
-    results = f"{args.prefix}/{device}/result"
-    status = f"{args.prefix}/{device}/status"
+    opts = options_from_flags(args)
+    prefix = check_prefix(args.prefix, "--prefix")
+    device = check_device_id(args.device, "--device") if args.device else ANY_DEVICE
+    results, status = topic(prefix, device, RESULT), topic(prefix, device, STATUS)
     done = threading.Event()
     seen = {"results": 0}
     rc = {"code": 0}
 
-    def on_connect(client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            print(f"edgecam: error: {host}:{port} refused the connection: {reason}", file=sys.stderr)
-            rc["code"] = 2
-            done.set()
-            return
-        client.subscribe([(results, 1), (status, 1)])
+    def refused(line: str) -> None:
+        # Run by hand: a refusal (login, certificate) will not mend by retrying, so say it and stop.
+        say(f"edgecam: error: {line}", stream=sys.stderr)
+        rc["code"] = 2
+        done.set()
 
     def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _reasons: Any, _p: Any) -> None:
         # Said once the broker confirmed: from here on, nothing published under the prefix is missed.
-        print(f"watching {args.prefix}/{device}/ on {host}:{port}", file=sys.stderr, flush=True)
+        say(f"watching {prefix}/{device}/ on {broker.where}", stream=sys.stderr)
 
     def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        dev = msg.topic.split("/")[-2]
-        if msg.topic.endswith("/status"):
-            print(f"{dev} is {msg.payload.decode('utf-8', 'replace')[:20]}", flush=True)
+        dev, name = parse_topic(prefix, msg.topic) or ("?", "?")
+        if not is_device_id(dev):
+            say(f"{msg.topic}: not a device id ({DEVICE_ID_RULE})", stream=sys.stderr)
+            return
+        if name == STATUS:
+            say(f"{dev} is {msg.payload[:20].decode('utf-8', 'replace')}")
             return
         try:
             if len(msg.payload) > MAX_PAYLOAD:
@@ -74,38 +86,39 @@ def run_watch(args: argparse.Namespace) -> int:
             obj = check_result(json.loads(msg.payload))
             cam = decode_cam(obj["cam"]) if args.heatmap else None
         except (ValueError, PayloadError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-            print(f"{msg.topic}: bad result: {str(exc)[:200]}", file=sys.stderr, flush=True)
+            say(f"{msg.topic}: bad result: {str(exc)[:200]}", stream=sys.stderr)
             return
-        print(result_line(obj), flush=True)
+        lines = [result_line(obj)]
         if cam is not None:
             label = str(obj["cam"].get("label", "?")).split(",")[0]
-            print(f"  CAM of {label}, {cam.shape[1]}x{cam.shape[0]}, {cam.min():.2f}..{cam.max():.2f}")
-            for row in text_heatmap(cam):
-                print("  " + row)
-            sys.stdout.flush()
+            lines.append(f"  CAM of {label}, {cam.shape[1]}x{cam.shape[0]}, {cam.min():.2f}..{cam.max():.2f}")
+            lines += ["  " + row for row in text_heatmap(cam)]
+        say(*lines)
         seen["results"] += 1
         if args.count and seen["results"] >= args.count:
             done.set()
 
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.on_connect_fail = lambda *_: logging.getLogger("edgecam").warning(
-        "watch: cannot reach %s:%d; retrying", host, port
-    )
-    client.reconnect_delay_set(1, 10)
-    client.connect_async(host, port, keepalive=30)
-    client.loop_start()
+    broker = BrokerClient(opts, "watch", logger=log, on_refused=refused,
+                          on_up=lambda c: c.subscribe([(results, 1), (status, 1)]))
+    broker.client.on_subscribe = on_subscribe
+    broker.client.on_message = on_message
+    broker.start()
     try:
         finished = done.wait(args.timeout if args.timeout else None)
     except KeyboardInterrupt:
         finished = True
     finally:
-        client.disconnect()
-        client.loop_stop()
+        broker.stop()
     if not finished and args.count:
         got = seen["results"]
         print(f"edgecam: error: {got} results in {args.timeout:g} s, expected {args.count}", file=sys.stderr)
         return 1
     return rc["code"]
+
+
+def say(*lines: str, stream: TextIO | None = None) -> None:
+    """Print lines holding what came from the network, escaped: a label must not move the cursor, retitle
+    or clear the terminal, or start a line of its own (a newline in it is shown as \\x0a)."""
+    stream = stream or sys.stdout
+    stream.write("".join(escaped(line) + "\n" for line in lines))
+    stream.flush()

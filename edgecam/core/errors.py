@@ -13,3 +13,17 @@ def shown(value: object, limit: int = 40) -> str:
     """A value for an error line: its repr (escapes keep it on one line), cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def escaped(text: str) -> str:
+    """Text safe to write to a terminal: every character that is not printable (C0 and C1 controls such
+    as ESC, BEL and CR, bidi overrides, line separators) as a \\x, \\u or \\U escape, and '\\' as '\\\\'
+    so that an escape seen on screen always stands for one character that was sent."""
+    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    if c == "\\":
+        return "\\\\"
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecam.broker import BrokerOptions, read_password
+from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
 
 DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
@@ -134,9 +136,8 @@ SECTIONS = ("source", "model", "loop", "mqtt", "spool", "commands", "homeassista
 
 
 def default_device_id() -> str:
-    # MQTT topic levels must not hold '/', '+' or '#'; host names never do, but be sure.
-    name = socket.gethostname().split(".")[0] or "edgecam"
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    # The short host name, made to fit the device-id rule (a host name may be longer, or not ASCII).
+    return device_id_from(socket.gethostname().split(".")[0])
 
 
 def _fields(obj: Any) -> dict[str, dataclasses.Field]:
@@ -294,13 +295,8 @@ def validate(cfg: Config) -> None:
     ha = cfg.homeassistant.prefix
     if not ha or any(c in ha for c in "+#") or ha.strip() != ha or ha.startswith("/") or ha.endswith("/"):
         raise EdgecamError(f"homeassistant.prefix: {shown(ha)} is not a usable topic prefix")
-    for part in (cfg.device, m.prefix):
-        if not part or any(c in part for c in "/+#") or part.strip() != part or not part.isprintable():
-            which = "device_id" if part == cfg.device else "mqtt.prefix"
-            raise EdgecamError(
-                f"{which}: {shown(part)} cannot be an MQTT topic level (empty, or holds / + #, "
-                "control characters or surrounding spaces)"
-            )
+    check_device_id(cfg.device, "device_id")
+    check_prefix(m.prefix, "mqtt.prefix")
     lp = cfg.loop
     if bool(lp.heatmap_width) != bool(lp.heatmap_height):
         raise EdgecamError("loop.heatmap_width and loop.heatmap_height go together (both 0 for the raw map)")
@@ -312,12 +308,17 @@ def validate(cfg: Config) -> None:
 
 def password(cfg: MqttConfig) -> str | None:
     if cfg.password_file:
-        try:
-            return Path(cfg.password_file).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise EdgecamError(f"mqtt.password_file: {cfg.password_file}: cannot read ({reason})") from None
+        return read_password(cfg.password_file, "mqtt.password_file")
     return cfg.password or None
+
+
+def broker_options(cfg: MqttConfig, device: str, secret: str | None) -> BrokerOptions:
+    """How the daemon connects: the [mqtt] settings, with the device id as the client id."""
+    return BrokerOptions(
+        host=cfg.host, port=cfg.port, client_id=device, username=cfg.username, password=secret, tls=cfg.tls,
+        ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file, protocol=cfg.protocol,
+        keepalive=cfg.keepalive, reconnect_min=cfg.reconnect_min, reconnect_max=cfg.reconnect_max,
+    )
 
 
 def to_toml(cfg: Config, redact: bool = True) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 import sys
 import threading
 import time
@@ -29,11 +28,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
-from edgecam.broker import reason as _reason
-from edgecam.broker import tls_context
-from edgecam.device.config import MqttConfig
+from edgecam.broker import BrokerClient
+from edgecam.contract import CMD, CMD_REPLY, OVERLAY, RESULT, STATS, STATUS, TOPIC_NAMES, topic
+from edgecam.device.config import MqttConfig, broker_options
 from edgecam.device.spool import Spool
 
 log = logging.getLogger("edgecam")
@@ -57,10 +56,6 @@ class Sink(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
-def topic(prefix: str, device: str, name: str) -> str:
-    return f"{prefix}/{device}/{name}"
-
-
 class MqttSink:
     def __init__(
         self,
@@ -80,26 +75,17 @@ class MqttSink:
         self.on_command = on_command
         self.discovery = discovery or []
         self.ha_status_topic = ha_status_topic
-        self.where = f"{cfg.host}:{cfg.port}"
-        names = ("result", "overlay", "status", "stats", "cmd", "cmd/reply")
-        self.topics = {n: topic(cfg.prefix, device, n) for n in names}
-        proto = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=proto)
-        self.client.will_set(self.topics["status"], "offline", qos=1, retain=True)
-        self.client.reconnect_delay_set(max(1, round(cfg.reconnect_min)), max(1, round(cfg.reconnect_max)))
+        self.topics = {n: topic(cfg.prefix, device, n) for n in TOPIC_NAMES}
+        self.broker = BrokerClient(
+            broker_options(cfg, device, password), "mqtt", logger=log,
+            will=(self.topics[STATUS], "offline", 1, True), on_up=self._on_up, on_down=self._on_down,
+        )
+        self.where = self.broker.where
+        self.client = self.broker.client
         # Only status, stats and replies go through paho's own queue; bound it all the same.
         self.client.max_queued_messages_set(WINDOW + 64)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, password)
-        if cfg.tls:
-            self.client.tls_set_context(tls_context(cfg))
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
-        # An exception in a callback would end paho's network thread, and with it all publishing.
-        self.client.suppress_exceptions = True
         self._cond = threading.Condition()
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
         # Every mid paho reports as sent or acknowledged, results or not: the sender keeps those
@@ -111,71 +97,31 @@ class MqttSink:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
-        self._closing = False
         self.connected_at_close = False
-        self._delay = 0.0
         self._status = "online"
         self._last_stats: bytes | None = None
-        self._since: float | None = None
         self._counts = {"published": 0, "acked": 0, "overlays": 0, "connects": 0}
         self._refused = 0
-        self._refused_connect = False
 
     # -- paho callbacks (its network thread) ---------------------------------------------
-    def _next_delay(self) -> float:
-        lo, hi = max(1, round(self.cfg.reconnect_min)), max(1, round(self.cfg.reconnect_max))
-        self._delay = lo if not self._delay else min(self._delay * 2, hi)
-        return self._delay
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self._refused_connect = True
-            log.error("mqtt: %s refused the connection: %s; retrying in %g s", self.where, reason, self._next_delay())
-            return
+    def _on_up(self, client: paho.Client) -> None:
         self._counts["connects"] += 1
-        gone = f" after {time.monotonic() - self._since:.0f} s away" if self._since is not None else ""
-        log.info("mqtt: connected to %s as %s%s", self.where, self.device, gone)
-        self._delay, self._since = 0.0, None
         # paho resends its unacknowledged messages right after this callback returns. The
         # sender waits for the broker's ack of this status message, which can only be read
         # after those resends went out, so new results never overtake older ones.
         with self._cond:
-            self._gate = client.publish(self.topics["status"], self._status, qos=1, retain=True).mid
+            self._gate = client.publish(self.topics[STATUS], self._status, qos=1, retain=True).mid
         if self._last_stats is not None:
-            client.publish(self.topics["stats"], self._last_stats, qos=1, retain=True)
+            client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True)
         if self.on_command is not None:
-            client.subscribe(self.topics["cmd"], qos=1)
+            client.subscribe(self.topics[CMD], qos=1)
         if self.discovery:
             self._announce(client)
             # Home Assistant forgets non-retained state when it restarts; its birth message asks again.
             client.subscribe(self.ha_status_topic, qos=1)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        was = self._connected.is_set()
+    def _on_down(self) -> None:
         self._connected.clear()
-        refused, self._refused_connect = self._refused_connect, False
-        if self._closing:
-            return
-        if was:
-            self._since = time.monotonic()
-            log.warning("mqtt: lost the connection to %s (%s); reconnecting", self.where, reason)
-        elif not refused:
-            # Closed before the broker accepted us: with TLS 1.3 a missing or rejected client
-            # certificate shows up only here, after the handshake seemed to succeed.
-            if self._since is None:
-                self._since = time.monotonic()
-            log.error("mqtt: %s closed the connection before accepting it (%s; a client certificate it wants?); "
-                      "retrying in %g s", self.where, reason, self._next_delay())
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        if self._since is None:
-            self._since = time.monotonic()
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-            log.error("mqtt: TLS with %s failed: %s; retrying in %g s", self.where, _reason(exc), self._next_delay())
-        else:
-            why = f" ({_reason(exc)})" if exc is not None else ""
-            log.warning("mqtt: cannot reach %s%s; retrying in %g s", self.where, why, self._next_delay())
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -194,7 +140,7 @@ class MqttSink:
             self._cond.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self.on_command is not None and msg.topic == self.topics["cmd"]:
+        if self.on_command is not None and msg.topic == self.topics[CMD]:
             self.on_command(bytes(msg.payload))
         elif self.discovery and msg.topic == self.ha_status_topic and bytes(msg.payload).strip() == b"online":
             log.info("homeassistant: it came online; publishing discovery again")
@@ -270,8 +216,7 @@ class MqttSink:
         log.info("mqtt: connecting to %s, topics under %s/%s/", self.where, self.cfg.prefix, self.device)
         self._sender = threading.Thread(target=self._send_loop, name="edgecam-sender", daemon=True)
         self._sender.start()
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-        self.client.loop_start()
+        self.broker.start()
 
     @property
     def connected(self) -> bool:
@@ -282,35 +227,35 @@ class MqttSink:
         return {**self._counts, "inflight": len(self._inflight), **self.spool.counts()}
 
     def result(self, payload: bytes) -> None:
-        self.spool.append("result", self.topics["result"], payload, self.cfg.qos)
+        self.spool.append("result", self.topics[RESULT], payload, self.cfg.qos)
         self._wake()
 
     def overlay(self, jpeg: bytes) -> None:
         if self.spool_overlays:
-            self.spool.append("overlay", self.topics["overlay"], jpeg, 1)
+            self.spool.append("overlay", self.topics[OVERLAY], jpeg, 1)
             self._wake()
             self._counts["overlays"] += 1
         elif self.connected:
             # A picture of now is not worth keeping for a broker that is away.
-            info = self.client.publish(self.topics["overlay"], jpeg, qos=0)
+            info = self.client.publish(self.topics[OVERLAY], jpeg, qos=0)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._counts["overlays"] += 1
 
     def stats(self, payload: bytes) -> None:
         self._last_stats = payload
         if self.connected:
-            self.client.publish(self.topics["stats"], payload, qos=0, retain=True)
+            self.client.publish(self.topics[STATS], payload, qos=0, retain=True)
 
     def set_status(self, status: str) -> None:
         """online or degraded (the source is failing); retained, and sent again on every reconnect."""
         if status != self._status:
             self._status = status
             if self.connected:
-                self.client.publish(self.topics["status"], status, qos=1, retain=True)
+                self.client.publish(self.topics[STATUS], status, qos=1, retain=True)
 
     def reply(self, payload: bytes) -> None:
         if self.connected:
-            self.client.publish(self.topics["cmd/reply"], payload, qos=1)
+            self.client.publish(self.topics[CMD_REPLY], payload, qos=1)
 
     def drain(self, timeout: float) -> None:
         """Deliver what the spool holds, up to `timeout` s."""
@@ -326,17 +271,15 @@ class MqttSink:
         self.connected_at_close = self.connected
         if self.connected:
             if self._last_stats is not None:
-                self.client.publish(self.topics["stats"], self._last_stats, qos=1, retain=True)
-            info = self.client.publish(self.topics["status"], "offline", qos=1, retain=True)
+                self.client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True)
+            info = self.client.publish(self.topics[STATUS], "offline", qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(max(0.5, deadline - time.monotonic()))
         self._stop.set()
         self._wake()
         if self._sender is not None:
             self._sender.join(5)
-        self._closing = True
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.broker.stop()
         left = self.spool.counts()["waiting"]
         self.spool.close()
         return left

@@ -28,12 +28,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edgecam.broker import split_broker, tls_context
+from edgecam.broker import BrokerClient, options_from_flags
+from edgecam.contract import (
+    ANY_DEVICE,
+    CMD,
+    CMD_REPLY,
+    OVERLAY,
+    RESULT,
+    STATS,
+    STATUS,
+    check_prefix,
+    is_device_id,
+    topic,
+)
 from edgecam.core.errors import EdgecamError
-from edgecam.device.config import MqttConfig, password
-from edgecam.web.fleet import DEVICE_ID, Fleet
+from edgecam.web.fleet import Fleet
 
 log = logging.getLogger("edgecam")
 
@@ -237,14 +247,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw or b"{}")
             dev, cmd = body["device"], body["cmd"]
-            if not isinstance(dev, str) or not DEVICE_ID.fullmatch(dev) or not isinstance(cmd, dict):
+            if not is_device_id(dev) or not isinstance(cmd, dict):
                 raise ValueError
         except (ValueError, KeyError, TypeError, RecursionError):
             self._json(400, {"ok": False, "error": 'expected {"device": ID, "cmd": {...}}'})
             return
         rid = "dash-" + secrets.token_hex(6)
         self.hub.expect_reply(rid)
-        self.client.publish(f"{self.prefix}/{dev}/cmd", json.dumps({**cmd, "id": rid}), qos=1)
+        self.client.publish(topic(self.prefix, dev, CMD), json.dumps({**cmd, "id": rid}), qos=1)
         reply = self.hub.wait_reply(rid, COMMAND_TIMEOUT_S)
         if reply is None:
             self._json(504, {"ok": False, "error": f"no reply from {dev} in {COMMAND_TIMEOUT_S:g} s "
@@ -270,44 +280,27 @@ def is_loopback(host: str) -> bool:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    host, port = split_broker(args.broker)
+    opts = options_from_flags(args, client_id=f"edgecam-dashboard-{secrets.token_hex(3)}")
     listen_host, listen_port = parse_listen(args.listen)
     if args.stale_after <= 0:
         raise EdgecamError(f"--stale-after {args.stale_after}: must be more than 0 seconds")
-    if not DEVICE_ID.fullmatch(args.prefix):
-        raise EdgecamError(f"--prefix {args.prefix!r} cannot be an MQTT topic level")
+    check_prefix(args.prefix, "--prefix")
     token = args.token or os.environ.get("EDGECAM_DASHBOARD_TOKEN") or None
     if not is_loopback(listen_host) and not token:
         log.warning("dashboard: listening on %s with no --token: anyone who can reach it sees the fleet", listen_host)
-    mcfg = MqttConfig(host=host, port=port, username=args.username or "", password_file=args.password_file or "",
-                      tls=args.tls, ca_file=args.ca_file or "", cert_file=args.cert_file or "",
-                      key_file=args.key_file or "")
-    secret = password(mcfg) or os.environ.get("EDGECAM_MQTT_PASSWORD") or None
-    hub = Hub(args.prefix, args.stale_after, controls=bool(mcfg.username))
+    hub = Hub(args.prefix, args.stale_after, controls=bool(opts.username))
+    topics = [(topic(args.prefix, ANY_DEVICE, k), 1) for k in (STATUS, RESULT, STATS, OVERLAY, CMD_REPLY)]
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgecam-dashboard-{secrets.token_hex(3)}")
-    client.suppress_exceptions = True
-    client.reconnect_delay_set(1, 30)
-    if mcfg.username:
-        client.username_pw_set(mcfg.username, secret)
-    if mcfg.tls:
-        client.tls_set_context(tls_context(mcfg))
-    topics = [(f"{args.prefix}/+/{k}", 1) for k in ("status", "result", "stats", "overlay", "cmd/reply")]
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("dashboard: %s:%d refused the connection: %s", host, port, reason)
-            return
+    def on_up(c: paho.Client) -> None:
         hub.connected = True
         c.subscribe(topics)
-        log.info("dashboard: subscribed to %s/+/... on %s:%d", args.prefix, host, port)
+        log.info("dashboard: subscribed to %s/+/... on %s", args.prefix, broker.where)
 
-    def on_disconnect(*_a: Any) -> None:
+    def on_down() -> None:
         hub.connected = False
 
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_connect_fail = lambda *_: log.warning("dashboard: cannot reach %s:%d; retrying", host, port)
+    broker = BrokerClient(opts, "dashboard", logger=log, on_up=on_up, on_down=on_down)
+    client = broker.client
     client.on_message = lambda _c, _u, msg: hub.on_message(msg.topic, bytes(msg.payload))
 
     handler = type("BoundHandler", (Handler,), {"hub": hub, "token": token, "client": client, "prefix": args.prefix})
@@ -318,10 +311,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     httpd.daemon_threads = True
     # SIGTERM (systemd, a test) stops the server the same way Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
-    client.connect_async(host, port, keepalive=30)
-    client.loop_start()
+    broker.start()
     note = " (open it with ?token=...)" if token else ""
-    print(f"edgecam dashboard on http://{listen_host}:{listen_port}/{note} (broker {host}:{port})",
+    print(f"edgecam dashboard on http://{listen_host}:{listen_port}/{note} (broker {broker.where})",
           file=sys.stderr, flush=True)
     try:
         httpd.serve_forever(poll_interval=0.5)
@@ -331,6 +323,5 @@ def run_dashboard(args: argparse.Namespace) -> int:
         for q in list(hub.clients):
             hub.drop(q)
         httpd.server_close()
-        client.disconnect()
-        client.loop_stop()
+        broker.stop()
     return 0

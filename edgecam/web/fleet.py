@@ -8,19 +8,28 @@ large, another contract version, a device id that cannot be one, or a result who
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgecam.contract import CONTRACT_VERSION, PayloadError, check_result, decode_cam
+from edgecam.contract import (
+    CONTRACT_VERSION,
+    OVERLAY,
+    RESULT,
+    STATS,
+    STATUS,
+    PayloadError,
+    check_result,
+    decode_cam,
+    is_device_id,
+    parse_topic,
+)
 from edgecam.core.errors import shown
 
 MAX_DEVICES = 256
 MAX_JSON = 64 * 1024
 MAX_OVERLAY = 4 * 1024 * 1024
 HISTORY_SECONDS = 600.0
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 MAX_RUNS = 300
 OVERLAY_FRESH_S = 1.5
 STATUSES = ("online", "degraded", "offline")
@@ -80,45 +89,45 @@ class Fleet:
 
     def ingest(self, topic: str, payload: bytes, now: float) -> str | None:
         """Take one message; returns the id of the device it changed, or None."""
-        parts = topic.split("/")
-        if len(parts) != 3 or parts[0] != self.prefix:
+        parsed = parse_topic(self.prefix, topic)
+        if parsed is None:
             return None  # not a topic of ours (the subscription is <prefix>/+/<kind>)
-        _, dev, kind = parts
-        if not DEVICE_ID.fullmatch(dev):
+        dev, kind = parsed
+        if kind not in (STATUS, RESULT, STATS, OVERLAY):
+            return None  # commands and replies are not fleet state
+        if not is_device_id(dev):
             self._reject(topic, "not a device id")
             return None
         if dev not in self.devices and len(self.devices) >= MAX_DEVICES:
             self._reject(topic, f"more than {MAX_DEVICES} devices")
             return None
         try:
-            if kind == "status":
+            if kind == STATUS:
                 text = payload.decode("ascii", "replace").strip()
                 if text not in STATUSES:
                     raise PayloadError(f"status {text[:20]!r} is not one of {', '.join(STATUSES)}")
                 device = self._device(dev)
                 device.status = text
-            elif kind == "result":
+            elif kind == RESULT:
                 result = self._result(dev, payload)
                 device = self._device(dev)
                 device.result = result
                 device.last_result_at = now
                 self._remember(device, result, now)
-            elif kind == "stats":
+            elif kind == STATS:
                 stats = self._json(payload)
                 if stats.get("v") != CONTRACT_VERSION or stats.get("device") != dev:
                     raise PayloadError("not a v1 stats message of this device")
                 device = self._device(dev)
                 device.stats = {k: stats.get(k) for k in ("fps", "state", "reason", "timing_ms", "model")}
                 device.stats["_at"] = now
-            elif kind == "overlay":
+            else:  # OVERLAY
                 if not payload.startswith(b"\xff\xd8") or len(payload) > MAX_OVERLAY:
                     raise PayloadError("not a JPEG, or too large")
                 device = self._device(dev)
                 device.overlay = bytes(payload)
                 device.overlay_seq += 1
                 device.overlay_at = now
-            else:
-                return None
         except PayloadError as exc:
             self._reject(topic, str(exc))
             return None
