@@ -232,3 +232,75 @@ def test_config_check_never_shows_the_password(pki: Path) -> None:
     proc = run_cli("config", "check", env=env_for(pki))
     assert proc.returncode == 0, proc.stderr
     assert PASSWORDS["dev1"] not in proc.stdout + proc.stderr and "<redacted>" in proc.stdout
+
+
+def _watch(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "edgecam", "watch", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_watch_shows_results_from_the_secured_broker(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki, require_cert=True)
+    secret = tmp_path / "watcher-password"
+    secret.write_text(PASSWORDS["watcher"] + "\n")
+    try:
+        watch = _watch("--broker", f"localhost:{b.port}", "--tls", "--ca-file", pki / "ca.crt",
+                       "--cert-file", pki / "client.crt", "--key-file", pki / "client.key",
+                       "--username", "watcher", "--password-file", secret, "--device", "dev1",
+                       "-n", "3", "--timeout", "120")
+        # Subscribed (said on stderr once the broker confirmed) before the device publishes anything.
+        assert "watching edgecam/dev1/" in watch.stderr.readline()
+        d = daemons("--source", IMAGES, "--once", "--max-frames", "3", "--broker", f"localhost:{b.port}",
+                    "--device-id", "dev1", env=env_for(pki, EDGECAM_MQTT_CERT_FILE=str(pki / "client.crt"),
+                                                       EDGECAM_MQTT_KEY_FILE=str(pki / "client.key")))
+        out, err = watch.communicate(timeout=120)
+        assert watch.returncode == 0, err + d.log()
+        assert [line.split()[:2] for line in out.splitlines() if line.startswith("dev1 #")] == [
+            ["dev1", "#1"], ["dev1", "#2"], ["dev1", "#3"]]
+        assert "dev1 is online" in out
+        assert PASSWORDS["watcher"] not in out + err
+        assert d.wait(60) == 0, d.log()
+    finally:
+        b.stop()
+
+
+def test_watch_says_why_a_secured_broker_refuses_it(tmp_path: Path, pki: Path) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        # The password from the environment, and a wrong one: the broker's refusal, one line, exit 2.
+        watch = _watch("--broker", f"localhost:{b.port}", "--tls", "--ca-file", pki / "ca.crt",
+                       "--username", "watcher", "--timeout", "60", env={"EDGECAM_MQTT_PASSWORD": "wrong-4711"})
+        _, err = watch.communicate(timeout=90)
+        assert watch.returncode == 2, err
+        assert err.strip().splitlines() == [err.strip()] and "refused the connection: Not authorized" in err, err
+        assert "4711" not in err and "Traceback" not in err
+        # A CA that did not sign the broker's certificate: the TLS failure, one line, exit 2.
+        watch = _watch("--broker", f"localhost:{b.port}", "--tls", "--ca-file", pki / "other-ca.crt",
+                       "--username", "watcher", "--timeout", "60",
+                       env={"EDGECAM_MQTT_PASSWORD": PASSWORDS["watcher"]})
+        _, err = watch.communicate(timeout=90)
+        assert watch.returncode == 2, err
+        assert err.strip().startswith("edgecam: error: TLS with localhost") and "certificate verify failed" in err
+        assert len(err.strip().splitlines()) == 1, err
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [(["--ca-file", "ca.crt"], ["--ca-file", "--tls"]),
+     (["--tls", "--cert-file", "client.crt"], ["--cert-file", "--key-file"]),
+     (["--tls", "--ca-file", "not-a-cert.pem"], ["--ca-file", "not-a-cert.pem", "not a usable CA"]),
+     (["--username", "w", "--password-file", "missing"], ["--password-file", "missing", "cannot read"]),
+     (["--password-file", "passwd"], ["--password-file", "--username"])],
+)
+def test_watch_login_and_tls_flags_are_checked_in_one_line(pki: Path, args: list[str], needles: list[str]) -> None:
+    args = [str(pki / a) if (pki / a).exists() or a == "missing" else a for a in args]
+    proc = run_cli("watch", "--broker", f"localhost:{free_port()}", *args, "--timeout", "5", timeout=60)
+    assert proc.returncode == 2
+    one_error_line(proc, *needles)

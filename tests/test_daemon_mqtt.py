@@ -286,3 +286,32 @@ def test_a_set_up_error_stays_one_line_with_results_waiting(tmp_path: Path) -> N
                    env={"EDGECAM_SPOOL_DIR": str(state)})
     assert proc.returncode == 2
     one_error_line(proc, "missing-dir")
+
+
+def test_a_frozen_broker_is_reported_as_silent_not_as_a_certificate_problem(broker: Broker, daemons) -> None:
+    rec = Recorder(broker.port, "edgecam/frozen/result")
+    env = {"EDGECAM_MQTT_KEEPALIVE": "5", "EDGECAM_MQTT_RECONNECT_MIN": "1", "EDGECAM_MQTT_RECONNECT_MAX": "2"}
+    d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", broker.address, "--device-id", "frozen", env=env)
+    try:
+        assert rec.wait_for(lambda m: len(m) >= 2, 90), d.log()
+        assert broker.proc is not None
+        # Stopped, not killed: its sockets stay open and accept connections that nothing answers.
+        broker.proc.send_signal(signal.SIGSTOP)
+        lost = "lost the connection to " + broker.address + " (no answer within the keepalive, 5 s)"
+        assert wait_until(lambda: lost in d.log(), 60, 0.1), d.log()
+        # Reconnecting: the TCP connection opens (the kernel accepts it), the CONNECT goes unanswered.
+        silent = f"no answer from {broker.address} within the keepalive (5 s) after the connection opened"
+        assert wait_until(lambda: silent in d.log(), 60, 0.1), d.log()
+        assert "client certificate" not in d.log()
+        assert all("retrying in" in line for line in d.log().splitlines() if silent in line)
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+    # Woken up, it gets the device back, and with it everything made while it was frozen.
+    assert wait_until(lambda: "after" in d.log().split(silent)[-1] and "connected to" in d.log().split(silent)[-1],
+                      60, 0.1), d.log()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.log()
+    made = int(re.search(r"(\d+) results made", d.log()).group(1))  # type: ignore[union-attr]
+    assert "messages wait in" not in d.log() and "they are lost" not in d.log(), d.log()
+    assert rec.wait_for(lambda m: {json.loads(p)["seq"] for _, p, _ in m} == set(range(1, made + 1)), 30), d.log()
+    rec.close()

@@ -17,13 +17,9 @@ def shown(value: object, limit: int = 40) -> str:
 
 def escaped(text: str) -> str:
     """Text safe to write to a terminal: every character that is not printable (C0 and C1 controls such
-    as ESC, BEL and CR, bidi overrides, line separators) as a \\x, \\u or \\U escape, and '\\' as '\\\\'
-    so that an escape seen on screen always stands for one character that was sent."""
-    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
+    as ESC, BEL and CR, bidi overrides, line separators) as a \\x, \\u or \\U escape."""
+    return "".join(c if c.isprintable() else _escape(ord(c)) for c in text)
 
 
-def _escape(c: str) -> str:
-    n = ord(c)
-    if c == "\\":
-        return "\\\\"
+def _escape(n: int) -> str:
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
