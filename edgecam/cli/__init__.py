@@ -44,8 +44,19 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
     p.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random methods (random, and the tie-breaking in evaluate); the same seed "
-                   "gives the same maps")
+                   help="seed of the random methods (lime, rise, random, and the tie-breaking in evaluate); the "
+                   "same seed gives the same maps")
+    p.add_argument("--samples", type=int,
+                   help="lime: on/off samples (default 500); rise: random masks (default 1000); one inference each")
+    p.add_argument("--segments", type=int, help="lime: superpixels (SLIC) to switch on and off (default 50)")
+    p.add_argument("--cells", type=int, help="rise: cells on each side of a mask's coarse grid (default 7)")
+    p.add_argument("--stage", help="scorecam: 'last' (default), a stage's number as `edgecam layers` lists them "
+                   "(1 = nearest the input), or a tensor name")
+    p.add_argument("--channels", type=int,
+                   help="scorecam: the K most active channels of the stage to use (default 128): K inferences")
+    p.add_argument("--workers", type=int,
+                   help="interpreters running a map's inferences side by side, one thread each (default: one "
+                   "per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("image", type=Path, metavar="IMAGE")
     la.add_argument("--out", "-o", type=Path, default=Path("."), help="directory for IMAGE.layers.jpg (default .)")
     la.add_argument("--json", action="store_true", help="the stages as JSON on stdout")
+    la.add_argument("--class", dest="cls", metavar="NAME_OR_ID",
+                    help="also draw this class's Score-CAM at every stage, beside the activations")
+    la.add_argument("--channels", type=int,
+                    help="with --class: the K most active channels of each stage to use (default 128)")
+    la.add_argument("--workers", type=int, help="with --class: interpreters side by side (default: one per core)")
 
     ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")
     _add_model_args(ins)

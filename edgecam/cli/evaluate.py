@@ -11,7 +11,9 @@ from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.evaluate import DEFAULT_METHODS, Score, evaluate_image, means, table
 from edgecam.core.images import iter_images
-from edgecam.core.methods import make
+from edgecam.core.methods import Method, Scorer, make
+from edgecam.core.model import Classifier
+from edgecam.device.workers import scorer_for
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -21,6 +23,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.masks and not args.masks.is_dir():
         raise EdgecamError(f"--masks {args.masks}: not a directory")
     clf = load_classifier(args)
+    with scorer_for(clf, args.workers) as scorer:
+        return _evaluate_all(args, clf, methods, scorer)
+
+
+def _evaluate_all(args: argparse.Namespace, clf: Classifier, methods: list[Method], scorer: Scorer) -> int:
     scores: list[Score] = []
     failed = 0
     for path, problem in iter_images(args.images):
@@ -29,7 +36,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         try:
-            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks)
+            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, scorer)
         except EdgecamError as exc:
             print(f"edgecam: {exc}", file=sys.stderr)
             failed += 1

@@ -13,8 +13,10 @@ from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
 from edgecam.core.images import iter_images
 from edgecam.core.labels import class_id
-from edgecam.core.methods import make
+from edgecam.core.methods import Method, Scorer, make
+from edgecam.core.model import Classifier
 from edgecam.core.render import overlay, write_image
+from edgecam.device.workers import scorer_for
 
 
 def _line(image: str, exp: Explanation) -> str:
@@ -53,6 +55,15 @@ def run_explain(args: argparse.Namespace) -> int:
         raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")
     method = make(args.method, **vars(args))
     clf = load_classifier(args)
+    scorer = scorer_for(clf, args.workers) if method.cost != "frame" else None
+    try:
+        return _explain_all(args, clf, method, scorer)
+    finally:
+        if scorer is not None:
+            scorer.close()
+
+
+def _explain_all(args: argparse.Namespace, clf: Classifier, method: Method, scorer: Scorer | None) -> int:
     extra = [class_id(c, clf.labels) for c in args.classes]
     if args.out:
         try:
@@ -74,7 +85,7 @@ def run_explain(args: argparse.Namespace) -> int:
             reason = problem or "cannot read as an image (unsupported or corrupt file)"
             print(f"edgecam: {path}: {reason}", file=sys.stderr)
             continue
-        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize, method=method)
+        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize, method=method, scorer=scorer)
         if method.notice and method.notice != said:
             said = method.notice
             progress.close()

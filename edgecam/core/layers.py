@@ -9,12 +9,12 @@ for the CAM), one invoke() gives them all, and each is drawn as its channel-mean
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 from edgecam.core.model import Classifier, dequantized
-from edgecam.core.preprocess import to_input
 from edgecam.core.render import heat_u8, jet_u8
 from edgecam.core.runtime import make_interpreter
 from edgecam.core.tflite_graph import with_outputs
@@ -61,30 +61,53 @@ def short_name(name: str) -> str:
     return name.split(";")[0].removeprefix("StatefulPartitionedCall/")
 
 
-def activations(clf: Classifier, frame: np.ndarray, found: list[Stage]) -> list[np.ndarray]:
-    """Channel-mean maps [h, w] of every stage, from one invoke()."""
-    data = with_outputs(clf.prepared, [s.index for s in found if s.index != clf.head.feature])
-    it = make_interpreter(data, 2)
-    x, _ = to_input(frame, clf.input)
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
+def stage_interpreter(clf: Classifier, found: list[Stage]) -> Any:
+    """An interpreter of the model whose outputs also include these stages' tensors."""
+    return make_interpreter(with_outputs(clf.prepared, [s.index for s in found if s.index != clf.head.feature]),
+                            clf.num_threads)
+
+
+def stage_tensors(clf: Classifier, interpreter: Any, x: np.ndarray, found: list[Stage]) -> list[np.ndarray]:
+    """Every stage's activation [h, w, C] for the prepared input x, from one invoke()."""
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
     t = clf.graph.tensors
-    return [dequantized(t[s.index].quant, it.get_tensor(s.index))[0].mean(axis=-1) for s in found]
+    return [dequantized(t[s.index].quant, interpreter.get_tensor(s.index))[0] for s in found]
 
 
-def picture(frame: np.ndarray, found: list[Stage], maps: list[np.ndarray], panel_width: int = 320) -> np.ndarray:
-    """One picture: the frame, then each stage's map over it, labelled with name and shape."""
+def picture(frame: np.ndarray, found: list[Stage], maps: list[np.ndarray], panel_width: int = 320,
+            class_maps: list[np.ndarray] | None = None, class_label: str = "") -> np.ndarray:
+    """One picture: the frame, then each stage's map over it, labelled with name and shape.
+
+    With `class_maps` (one per stage: how that stage's channels make the case for one class), each
+    stage gets a row: its activation, and beside it the class map.
+    """
     h, w = frame.shape[:2]
     ph = round(panel_width * h / w)
     small = cv2.resize(frame, (panel_width, ph), interpolation=cv2.INTER_AREA)
-    panels = [_label(small.copy(), "input", f"{w}x{h}")]
-    for stage, m in zip(found, maps, strict=True):
-        heat = jet_u8(heat_u8(m, panel_width, ph))
-        panel = cv2.addWeighted(heat, 0.55, small, 0.45, 0.0)
+
+    def over(m: np.ndarray) -> np.ndarray:
+        return cv2.addWeighted(jet_u8(heat_u8(m, panel_width, ph)), 0.55, small, 0.45, 0.0)
+
+    def stage_label(stage: Stage) -> tuple[str, str]:
         _, sh, sw, sc = stage.shape
         name = stage.name if len(stage.name) <= 40 else ".../" + "/".join(stage.name.split("/")[-3:])
-        panels.append(_label(panel, name[-44:], f"{sh}x{sw}x{sc}"))
-    cols = 3
+        return name[-44:], f"{sh}x{sw}x{sc}"
+
+    panels = [_label(small.copy(), "input", f"{w}x{h}")]
+    if class_maps is not None:
+        panels.append(_label(small.copy(), f"class: {class_label}"[:44], "activation | class map (Score-CAM)"))
+        for stage, m, c in zip(found, maps, class_maps, strict=True):
+            name, shape = stage_label(stage)
+            panels.append(_label(over(m), name, f"{shape} activation"))
+            flat = float(c.max()) <= 0.0  # no channel raised the score: nothing to draw
+            panels.append(_label(over(c) if not flat else small // 3, name, f"{shape} {class_label[:20]}"
+                                 + (" (none)" if flat else "")))
+        cols = 2
+    else:
+        for stage, m in zip(found, maps, strict=True):
+            panels.append(_label(over(m), *stage_label(stage)))
+        cols = 3
     while len(panels) % cols:
         panels.append(np.zeros_like(panels[0]))
     rows = [np.hstack(panels[i : i + cols]) for i in range(0, len(panels), cols)]

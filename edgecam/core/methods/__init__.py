@@ -13,12 +13,17 @@ from edgecam.core.errors import EdgecamError
 from edgecam.core.methods.base import COSTS, Maps, Method, Scorer
 from edgecam.core.methods.baseline import RandomMap
 from edgecam.core.methods.cam import Cam
+from edgecam.core.methods.lime import Lime
 from edgecam.core.methods.occlusion import Occlusion
+from edgecam.core.methods.rise import Rise
+from edgecam.core.methods.scorecam import ScoreCam
 from edgecam.core.methods.wide import WideCam
 
 __all__ = ["COSTS", "REGISTRY", "Maps", "Method", "Scorer", "make", "names"]
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Cam, Occlusion, WideCam, RandomMap)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (Cam, Occlusion, WideCam, Lime, ScoreCam, Rise, RandomMap)
+}
 
 
 def names(costs: tuple[str, ...] = COSTS, square_input: bool | None = None) -> list[str]:

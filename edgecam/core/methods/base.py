@@ -11,13 +11,19 @@ A method may change how the frame is prepared (the wide CAM widens the input) th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 
+from edgecam.core import cam as cam_math
+from edgecam.core.errors import EdgecamError
 from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import InputSpec
+
+CHUNK = 32  # masked inputs made and scored at a time: a RISE of 1000 masks never holds 1000 inputs
 
 # How much a map costs beyond the prediction's own inference, which decides where it is offered:
 # "frame": nothing, or next to nothing (the daemon may run it on every frame);
@@ -56,6 +62,92 @@ class Method:
              scorer: Scorer | None = None) -> Maps:
         """Maps of `classes` for the prepared input x, whose inference is `inference`."""
         raise NotImplementedError
+
+
+class ChannelWeighted(Method):
+    """The maps as a weighted sum of a feature map's channels, sum_k w_ck A_k (ReLU'd if `relu`).
+
+    The pipeline is here; a method says only which activations (`activations`) and how it weights
+    their channels for each class (`channel_weights`): CAM with the classifier's weights, Score-CAM
+    with the class score of the input masked by each channel.
+    """
+
+    relu: ClassVar[bool] = False
+
+    def activations(self, clf: Classifier, x: np.ndarray, inference: Inference) -> np.ndarray:
+        """The feature map [h, w, C] whose channels are weighted."""
+        return inference.features
+
+    def channel_weights(self, clf: Classifier, x: np.ndarray, inference: Inference, acts: np.ndarray,
+                        classes: list[int], scorer: Scorer | None) -> tuple[np.ndarray, int, str]:
+        """Weights [len(classes), C], the inferences spent on them, and a note for stderr."""
+        raise NotImplementedError
+
+    def maps(self, clf: Classifier, x: np.ndarray, inference: Inference, classes: list[int],
+             scorer: Scorer | None = None) -> Maps:
+        start = time.perf_counter()
+        made = self.maps_of(clf, x, inference, self.activations(clf, x, inference), classes, scorer, start)
+        made.inferences += self.activation_runs(clf)
+        return made
+
+    def activation_runs(self, clf: Classifier) -> int:
+        """Inferences `activations` takes (none when they come with the prediction)."""
+        return 0
+
+    def maps_of(self, clf: Classifier, x: np.ndarray, inference: Inference, acts: np.ndarray, classes: list[int],
+                scorer: Scorer | None = None, start: float | None = None) -> Maps:
+        """The maps from activations the caller already has (`edgecam layers` has every stage's)."""
+        start = time.perf_counter() if start is None else start
+        weights, runs, detail = self.channel_weights(clf, x, inference, acts, classes, scorer)
+        maps = cam_math.class_maps(acts, weights, np.arange(len(classes)))
+        if self.relu:
+            maps = np.maximum(maps, 0.0)
+        how = (scorer or Scorer(clf)).how() if runs else ""
+        return Maps(maps.astype(np.float32), 1 + runs, time.perf_counter() - start, detail, how)
+
+
+def grey(spec: InputSpec) -> float:
+    """A mid-grey pixel in the input's own encoding: what hidden parts of the input become."""
+    if spec.dtype == np.uint8:
+        return 128.0
+    if spec.dtype == np.int8:
+        return 0.0
+    return (128.0 - spec.mean) / spec.std
+
+
+def masked(x: np.ndarray, masks: np.ndarray, fill: float) -> np.ndarray:
+    """Copies of x [1, H, W, C], each kept where its mask [n, H, W] is 1 and grey where it is 0."""
+    m = masks[..., None].astype(np.float32)
+    out = x.astype(np.float32) * m + np.float32(fill) * (1.0 - m)
+    if np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(x.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(x.dtype)
+
+
+def mask_scores(scorer: Scorer, x: np.ndarray, masks: np.ndarray, fill: float) -> np.ndarray:
+    """Class probabilities [n, classes] of x under each mask [n, H, W], CHUNK inputs at a time."""
+    return np.concatenate([scorer(masked(x, masks[i : i + CHUNK], fill)) for i in range(0, len(masks), CHUNK)])
+
+
+def fine_grid(spec: InputSpec) -> tuple[int, int]:
+    """The grid of the pixel-level methods (LIME, RISE): a quarter of the input's side, so a
+    superpixel's edge survives and a JSON map stays small (56x56 at 224)."""
+    if min(spec.height, spec.width) < 64:
+        return spec.height, spec.width
+    return spec.height // 4, spec.width // 4
+
+
+def to_grid(pixel_maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Maps [n, H, W] averaged down onto grid (rows, cols)."""
+    return np.stack([cv2.resize(m.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+                     for m in pixel_maps]).astype(np.float32)
+
+
+def check_range(flag: str, value: int, low: int, high: int) -> None:
+    """A method's option in low..high, else one line naming the flag."""
+    if not low <= value <= high:
+        raise EdgecamError(f"{flag} {value}: must be from {low} to {high}")
 
 
 class Scorer:

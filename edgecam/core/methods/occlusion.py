@@ -16,20 +16,11 @@ import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError
-from edgecam.core.methods.base import Maps, Method, Scorer
+from edgecam.core.methods.base import Maps, Method, Scorer, grey
 from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
-
-
-def grey(spec: InputSpec) -> float:
-    """A mid-grey pixel in the input's own encoding."""
-    if spec.dtype == np.uint8:
-        return 128.0
-    if spec.dtype == np.int8:
-        return 0.0
-    return (128.0 - spec.mean) / spec.std
 
 
 def positions(size: int, patch: int, stride: int) -> list[int]:
