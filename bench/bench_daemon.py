@@ -1,15 +1,21 @@
 """Benchmark: the daemon's frame loop against a bare invoke(), with a real Mosquitto.
 
-    .venv/bin/python bench/bench_daemon.py [--rounds N] [--block N] [--rss-frames N]
+    .venv/bin/python bench/bench_daemon.py [--rounds N] [--block N] [--threads N] [--rss-frames N]
 
-A 1280x720 source (the shared cat_720p.jpg and three other photos scaled to 720p,
-held in memory as a camera's buffers would be). Three variants are measured side
-by side, interleaved block by block so that load from other processes hits each
-alike: bare set_tensor()+invoke(); the whole loop step (preprocess, invoke, top-3,
-CAM, encode, publish at QoS 1 to Mosquitto) without overlays; the same with a
-320x240 overlay JPEG every frame. Then `edgecam run` is started as a process for
---rss-frames frames from a folder of 720p images and its peak RSS is read.
-Prints medians, ratios, fps and sizes.
+Sources hold frames in memory, as a camera's buffers would: 1280x720 (the shared cat_720p.jpg and
+three other photos scaled to 720p), 640x480, and frames already at the model's input size (what
+picamera2's low-resolution stream hands over). Variants are measured side by side, interleaved
+block by block so that load from other processes hits each alike: bare set_tensor()+invoke(); the
+loop (preprocess and invoke on the loop thread; top-3, CAM, encode and the spool hand-over on the
+finisher thread, overlapped with the next invoke) without overlays, with a 320x240 overlay every
+frame, and on the smaller frames.
+
+Printed per variant: throughput in fps over whole blocks (the finisher drained at each block's
+end) and its ratio to bare invoke()'s fps; the loop thread's time per frame; capture-to-hand-over
+latency (from the source's read to the result being in the spool) p50 and p90, against bare
+invoke()'s median and p90. Then two `edgecam run` processes at 5 fps give CPU time per frame
+against a bare invoke() process at 5 fps (CPU of a longer run minus a shorter one, so start-up
+cancels out), and one `edgecam run` of --rss-frames 720p frames gives peak RSS.
 """
 
 from __future__ import annotations
@@ -90,14 +96,60 @@ def peak_rss(frames_dir: Path, n: int, broker: Broker, env: dict[str, str]) -> t
     return usage.ru_maxrss / 1024.0, wall
 
 
+def cpu_seconds(cmd: list[str], env: dict[str, str]) -> float:
+    """User + system CPU of a process run to its end."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+    return usage.ru_utime + usage.ru_stime
+
+
+BARE_AT_RATE = """
+import sys, time
+from pathlib import Path
+import cv2
+from edgecam.core.model import Classifier
+from edgecam.core.preprocess import to_input
+model, image, n, fps, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+clf = Classifier(model, None, num_threads=threads)
+x, _ = to_input(cv2.imread(image), clf.input)
+nxt = time.monotonic()
+for _ in range(n):
+    nxt += 1 / fps
+    clf.interpreter.set_tensor(clf._input_index, x)
+    clf.interpreter.invoke()
+    time.sleep(max(0.0, nxt - time.monotonic()))
+"""
+
+
+def cpu_per_frame(folder: Path, broker: Broker, env: dict[str, str], model: Path, threads: int,
+                  fps: float = 5.0, short: int = 10, long: int = 60) -> tuple[float, float]:
+    """CPU ms per frame at `fps`: (edgecam run, bare invoke()), each from a long run minus a short one."""
+    def run(n: int) -> float:
+        return cpu_seconds([sys.executable, "-m", "edgecam", "run", "--source", str(folder), "--source-fps",
+                            str(fps), "--max-frames", str(n), "--broker", broker.address, "--device-id",
+                            "bench-cpu", "--threads", str(threads)], env)
+
+    def bare(n: int) -> float:
+        image = str(sorted(folder.iterdir())[0])
+        return cpu_seconds([sys.executable, "-c", BARE_AT_RATE, str(model), image, str(n), str(fps),
+                            str(threads)], env)
+
+    loop = (run(long) - run(short)) / (long - short) * 1e3
+    base = (bare(long) - bare(short)) / (long - short) * 1e3
+    return loop, base
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models/tf2_mobilenet_v2_1.0_224_ptq.tflite")
     ap.add_argument("--labels", type=Path, default=SHARED / "models/imagenet_labels.txt")
     ap.add_argument("--rounds", type=int, default=30, help="blocks of each variant")
     ap.add_argument("--block", type=int, default=20, help="frames per block")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="interpreter threads, the same for every variant")
     ap.add_argument("--rss-frames", type=int, default=2000)
+    ap.add_argument("--no-processes", action="store_true", help="skip the CPU and RSS runs of `edgecam run`")
     args = ap.parse_args()
 
     frames = [cv2.resize(cv2.imread(str(SHARED / "images" / p)), (1280, 720), interpolation=cv2.INTER_AREA)
@@ -106,94 +158,99 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgecam-bench-"))
     broker = Broker(tmp / "broker").start()
     try:
-        plain_cfg, over_cfg = Config(), Config()
-        for cfg, dev in ((plain_cfg, "bench-plain"), (over_cfg, "bench-overlay")):
-            cfg.device_id = dev
-            cfg.mqtt.port = broker.port
-            cfg.mqtt.host = "127.0.0.1"
+        def daemon(dev: str, source: list[np.ndarray], overlay_every: int = 0) -> Daemon:
+            cfg = Config()
+            cfg.device_id, cfg.mqtt.port, cfg.mqtt.host = dev, broker.port, "127.0.0.1"
             cfg.model.threads = args.threads
-        over_cfg.loop.overlay_every = 1  # 320x240 by default
-        plain, over = make_daemon(plain_cfg, clf, frames, tmp), make_daemon(over_cfg, clf, frames, tmp)
-        # For scale: the same loop on 640x480 frames, the size edgecam asks of a USB camera by default.
-        vga_cfg = Config()
-        vga_cfg.device_id, vga_cfg.mqtt.port, vga_cfg.mqtt.host = "bench-vga", broker.port, "127.0.0.1"
-        small = [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in frames]
-        vga = make_daemon(vga_cfg, clf, small, tmp)
+            cfg.loop.overlay_every = overlay_every  # 320x240 by default
+            return make_daemon(cfg, clf, source, tmp)
 
+        vga = [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in frames]
+        native = [cv2.resize(f, (clf.input.width, clf.input.height), interpolation=cv2.INTER_AREA) for f in frames]
+        daemons = {
+            "loop 1280x720": daemon("bench-720p", frames),
+            "loop 1280x720, overlay": daemon("bench-overlay", frames, 1),
+            "loop 640x480": daemon("bench-vga", vga),
+            f"loop {clf.input.width}x{clf.input.height} (lores)": daemon("bench-lores", native),
+        }
         x, _ = to_input(frames[0], clf.input)
         it, inp = clf.interpreter, clf._input_index
-        times: dict[str, list[float]] = {
-            "bare invoke()": [], "loop, no overlay": [], "loop, overlay 320x240": [], "(640x480 loop, no overlay)": []
-        }
 
         def bare() -> None:
             it.set_tensor(inp, x)
             it.invoke()
 
-        sizes: list[int] = []
-        jpegs: list[int] = []
-
         def step(d: Daemon) -> None:
             frame = d.capture.take()
             assert frame is not None
             d.step(frame)
-            # Sizes are read after the clock stops (see the loop below), from what was just sent.
 
-        variants = {
-            "bare invoke()": bare,
-            "loop, no overlay": lambda: step(plain),
-            "loop, overlay 320x240": lambda: step(over),
-            "(640x480 loop, no overlay)": lambda: step(vga),
-        }
-        for fn in variants.values():  # warm-up
+        variants = {"bare invoke()": bare, **{name: (lambda d=d: step(d)) for name, d in daemons.items()}}
+        for name, fn in variants.items():  # warm-up
             for _ in range(10):
                 fn()
-        wall: dict[str, float] = dict.fromkeys(variants, 0.0)
-        count: dict[str, int] = dict.fromkeys(variants, 0)
+            if name in daemons:
+                daemons[name].finisher.wait()
+        per_frame: dict[str, list[float]] = {name: [] for name in variants}
+        latency: dict[str, list[float]] = {name: [] for name in daemons}
+        wall = dict.fromkeys(variants, 0.0)
+        count = dict.fromkeys(variants, 0)
         for _ in range(args.rounds):
             for name, fn in variants.items():
                 block_start = time.perf_counter()
                 for _ in range(args.block):
                     t0 = time.perf_counter()
                     fn()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-                    if name == "loop, overlay 320x240" and over.last_result and over.last_overlay:
-                        sizes.append(len(over.last_result))
-                        jpegs.append(len(over.last_overlay))
+                    per_frame[name].append((time.perf_counter() - t0) * 1e3)
+                if name in daemons:
+                    daemons[name].finisher.wait()
                 wall[name] += time.perf_counter() - block_start
                 count[name] += args.block
-        for d in (plain, over, vga):
+                if name in daemons:
+                    latency[name] += list(daemons[name].times.times["handover"])[-args.block:]
+        sizes = [len(daemons["loop 1280x720, overlay"].last_result or b"")]
+        jpegs = [len(daemons["loop 1280x720, overlay"].last_overlay or b"")]
+        for d in daemons.values():
             d.sink.close(10)
 
-        base = statistics.median(times["bare invoke()"])
-        print(f"model {args.model.name}, runtime {clf.runtime}, {args.threads} threads, 1280x720 frames, "
-              f"{args.rounds} x {args.block} frames per variant, interleaved")
-        print(f"{'variant':28s} {'median ms':>10s} {'p90 ms':>8s} {'ratio':>6s} {'fps':>7s}")
-        for name, values in times.items():
-            med = statistics.median(values)
-            p90 = float(np.percentile(values, 90))
+        base = statistics.median(per_frame["bare invoke()"])
+        base90 = float(np.percentile(per_frame["bare invoke()"], 90))
+        base_fps = count["bare invoke()"] / wall["bare invoke()"]
+        print(f"model {args.model.name}, runtime {clf.runtime}, {args.threads} interpreter threads, "
+              f"{os.cpu_count()} cores, {args.rounds} x {args.block} frames per variant, interleaved")
+        print(f"{'variant':32s} {'fps':>7s} {'x bare':>7s} {'loop ms':>8s} {'lat p50':>8s} {'x bare':>7s} "
+              f"{'lat p90':>8s} {'x p90':>6s}")
+        for name in variants:
             fps = count[name] / wall[name]
-            print(f"{name:28s} {med:10.3f} {p90:8.3f} {med / base:6.2f} {fps:7.1f}")
-        stages = plain.times.medians()
-        print("1280x720 loop stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
-        ostages = over.times.medians()
-        print("with overlays, stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in ostages.items()))
+            loop_ms = statistics.median(per_frame[name])
+            if name in latency:
+                p50, p90 = statistics.median(latency[name]), float(np.percentile(latency[name], 90))
+            else:
+                p50, p90 = base, base90
+            print(f"{name:32s} {fps:7.1f} {fps / base_fps:7.2f} {loop_ms:8.3f} {p50:8.3f} {p50 / base:7.2f} "
+                  f"{p90:8.3f} {p90 / base90:6.2f}")
+        for name, d in daemons.items():
+            print(f"{name} stage medians, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in d.times.medians().items()))
+        print(f"result payload bytes: {sizes[0]}; overlay JPEG bytes (320x240, quality 80): {jpegs[0]}")
 
-        print(f"result payload bytes: median {statistics.median(sizes):.0f}, max {max(sizes)}")
-        print(f"overlay JPEG bytes (320x240, quality 80): median {statistics.median(jpegs):.0f}, max {max(jpegs)}")
-
+        if args.no_processes:
+            return 0
         folder = tmp / "frames"
         folder.mkdir()
         for name, f in zip(PHOTOS, frames, strict=True):
-            cv2.imwrite(str(folder / (Path(name).stem + ".jpg")), f, [cv2.IMWRITE_JPEG_QUALITY, 92])
+            # BMP: decoding costs next to nothing, as with a camera's raw buffers.
+            cv2.imwrite(str(folder / (Path(name).stem + ".bmp")), f)
         env = {
             **os.environ,
             "EDGECAM_SPOOL_DIR": str(tmp / "state"),
             "EDGECAM_MODEL_NAME": str(args.model),
             "EDGECAM_MODEL_LABELS": str(args.labels),
         }
+        loop_cpu, bare_cpu = cpu_per_frame(folder, broker, env, args.model, args.threads)
+        print(f"CPU per frame at 5 fps, 1280x720: edgecam run {loop_cpu:.2f} ms, bare invoke() {bare_cpu:.2f} ms "
+              f"({loop_cpu / bare_cpu:.2f}x)")
         rss, secs = peak_rss(folder, args.rss_frames, broker, env)
-        print(f"edgecam run, {args.rss_frames} frames (720p JPEG folder, overlay every 10th): "
+        print(f"edgecam run, {args.rss_frames} frames (720p folder, overlay every 10th): "
               f"peak RSS {rss:.0f} MB, {secs:.1f} s wall")
     finally:
         broker.stop()

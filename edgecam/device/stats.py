@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("capture_age", "pre", "infer", "cam", "encode", "overlay", "publish", "total")
+STAGES = ("capture_age", "pre", "infer", "cam", "encode", "overlay", "publish", "total", "handover")
 
 
 class StageTimes:
@@ -19,21 +20,32 @@ class StageTimes:
     def __init__(self, window: int = 300) -> None:
         self.times: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
         self.done: deque[float] = deque(maxlen=window)
+        # Added to by the finisher thread, read by the loop thread for stats.
+        self._lock = threading.Lock()
 
     def add(self, stage_ms: dict[str, float], finished: float) -> None:
-        for stage, ms in stage_ms.items():
-            self.times[stage].append(ms)
-        self.done.append(finished)
+        with self._lock:
+            for stage, ms in stage_ms.items():
+                self.times[stage].append(ms)
+            self.done.append(finished)
 
     def medians(self) -> dict[str, float]:
-        return {s: round(float(np.median(v)), 3) for s, v in self.times.items() if v}
+        with self._lock:
+            return {s: round(float(np.median(v)), 3) for s, v in self.times.items() if v}
+
+    def percentile(self, stage: str, q: float) -> float | None:
+        with self._lock:
+            values = list(self.times[stage])
+        return round(float(np.percentile(values, q)), 3) if values else None
 
     def fps(self, now: float | None = None, span: float = 10.0) -> float:
         """Frames finished in the last `span` seconds, per second."""
-        if len(self.done) < 2:
+        with self._lock:
+            done = list(self.done)
+        if len(done) < 2:
             return 0.0
         now = time.monotonic() if now is None else now
-        recent = [t for t in self.done if now - t <= span]
+        recent = [t for t in done if now - t <= span]
         if len(recent) < 2:
             return 0.0
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
