@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -73,6 +74,7 @@ class MemorySource:
 
 
 def make_daemon(cfg: Config, clf: Classifier, frames: list[np.ndarray], state: Path) -> Daemon:
+    """A daemon with its broker connection up, driven block by block through Daemon.frames()."""
     cfg.spool.dir = str(state)
     sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg))
     d = Daemon(cfg, clf, Capture(MemorySource(frames)), sink, "bench")
@@ -142,6 +144,8 @@ def cpu_per_frame(folder: Path, broker: Broker, env: dict[str, str], model: Path
 
 
 def main() -> int:
+    if os.environ.get("SWITCH"):
+        sys.setswitchinterval(float(os.environ["SWITCH"]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models/tf2_mobilenet_v2_1.0_224_ptq.tflite")
     ap.add_argument("--labels", type=Path, default=SHARED / "models/imagenet_labels.txt")
@@ -180,30 +184,27 @@ def main() -> int:
             it.set_tensor(inp, x)
             it.invoke()
 
-        def step(d: Daemon) -> None:
-            frame = d.capture.take()
-            assert frame is not None
-            d.step(frame)
-
-        variants = {"bare invoke()": bare, **{name: (lambda d=d: step(d)) for name, d in daemons.items()}}
+        variants: dict[str, Callable[[], None]] = {"bare invoke()": bare}
+        variants.update({name: (lambda d=d: d.frames(args.block)) for name, d in daemons.items()})
         for name, fn in variants.items():  # warm-up
-            for _ in range(10):
-                fn()
+            fn()
             if name in daemons:
                 daemons[name].finisher.wait()
-        per_frame: dict[str, list[float]] = {name: [] for name in variants}
+        per_frame: list[float] = []
         latency: dict[str, list[float]] = {name: [] for name in daemons}
         wall = dict.fromkeys(variants, 0.0)
         count = dict.fromkeys(variants, 0)
         for _ in range(args.rounds):
             for name, fn in variants.items():
                 block_start = time.perf_counter()
-                for _ in range(args.block):
-                    t0 = time.perf_counter()
-                    fn()
-                    per_frame[name].append((time.perf_counter() - t0) * 1e3)
                 if name in daemons:
+                    fn()
                     daemons[name].finisher.wait()
+                else:
+                    for _ in range(args.block):
+                        t0 = time.perf_counter()
+                        fn()
+                        per_frame.append((time.perf_counter() - t0) * 1e3)
                 wall[name] += time.perf_counter() - block_start
                 count[name] += args.block
                 if name in daemons:
@@ -213,16 +214,16 @@ def main() -> int:
         for d in daemons.values():
             d.sink.close(10)
 
-        base = statistics.median(per_frame["bare invoke()"])
-        base90 = float(np.percentile(per_frame["bare invoke()"], 90))
+        base = statistics.median(per_frame)
+        base90 = float(np.percentile(per_frame, 90))
         base_fps = count["bare invoke()"] / wall["bare invoke()"]
         print(f"model {args.model.name}, runtime {clf.runtime}, {args.threads} interpreter threads, "
               f"{os.cpu_count()} cores, {args.rounds} x {args.block} frames per variant, interleaved")
-        print(f"{'variant':32s} {'fps':>7s} {'x bare':>7s} {'loop ms':>8s} {'lat p50':>8s} {'x bare':>7s} "
+        print(f"{'variant':32s} {'fps':>7s} {'x bare':>7s} {'ms/frame':>8s} {'lat p50':>8s} {'x bare':>7s} "
               f"{'lat p90':>8s} {'x p90':>6s}")
         for name in variants:
             fps = count[name] / wall[name]
-            loop_ms = statistics.median(per_frame[name])
+            loop_ms = wall[name] / count[name] * 1e3
             if name in latency:
                 p50, p90 = statistics.median(latency[name]), float(np.percentile(latency[name], 90))
             else:

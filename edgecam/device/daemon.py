@@ -27,7 +27,7 @@ from edgecam.device.commands import Command, CommandError, RateLimit, parse, rep
 from edgecam.device.config import Config
 from edgecam.device.mqtt import Sink
 from edgecam.device.notify import Notifier
-from edgecam.device.pipeline import Stage
+from edgecam.device.pipeline import Prefetch, Stage
 from edgecam.device.policy import EveryN, PublishPolicy
 from edgecam.device.sources import Frame, SourceEnded
 from edgecam.device.stats import StageTimes, cpu_temperature, stats_payload
@@ -41,6 +41,18 @@ log = logging.getLogger("edgecam")
 DAEMON_METHOD = "cam"
 
 SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays")
+
+
+@dataclass
+class Prepared:
+    """A frame scaled to the model's input, and where the model's box falls on it."""
+
+    frame: Frame
+    x: np.ndarray
+    box: Box
+    view: np.ndarray | None
+    age_ms: float  # capture to the start of scaling
+    pre_ms: float
 
 
 @dataclass
@@ -137,6 +149,8 @@ class Daemon:
         self.reload_check: Callable[[], None] | None = None
         self.notifier = Notifier()
         self.finisher: Stage[Inferred] = Stage("finisher", self.finish)
+        self.prefetch: Prefetch[Prepared | None] = Prefetch("prefetch", self.prepare)
+        self._infer_ms = self._pre_ms = 0.0
 
     # -- signals ---------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -225,9 +239,6 @@ class Daemon:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, max_frames: int = 0) -> int:
         """The loop; returns how many messages stay undelivered in the spool."""
-        lp = self.cfg.loop
-        next_stats = time.monotonic() + min(lp.stats_interval, 2.0)
-        next_frame = 0.0
         self.sink.start()
         self.capture.start()
         log.info(
@@ -238,32 +249,11 @@ class Daemon:
         # Ready: the model is loaded, the source open (or being retried), the broker being dialled.
         self.notifier.ready(self.status_line())
         try:
-            while not self.stop.is_set():
-                self.notifier.watchdog()
-                self.apply_commands()
-                period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
-                now = time.monotonic()
-                if period and now < next_frame:
-                    self.stop.wait(min(next_frame - now, 0.25))
-                    continue
-                try:
-                    frame = self.capture.take()
-                except SourceEnded:
-                    if not self.stop.is_set():
-                        log.info("source: %s ended", self.capture.source.description)
-                    break
-                self.update_status()
-                if frame is not None:
-                    next_frame = max(next_frame + period, time.monotonic()) if period else 0.0
-                    self.step(frame)
-                    if max_frames and self.processed >= max_frames:
-                        break
-                if time.monotonic() >= next_stats:
-                    self.publish_stats()
-                    next_stats = time.monotonic() + lp.stats_interval
+            self.frames(max_frames)
         finally:
             # What was handed over is finished (and spooled) before anything is closed.
             self.finisher.close()
+            self.prefetch.close()
             if self.reload.is_set():
                 self.notifier.reloading()
             else:
@@ -274,6 +264,55 @@ class Daemon:
             left = self.sink.close(2.0)
         return left
 
+    def frames(self, max_frames: int = 0) -> None:
+        """Frames until stopped, the source ends, or `max_frames` (0: no limit) more were inferred."""
+        lp = self.cfg.loop
+        next_stats = time.monotonic() + min(lp.stats_interval, 2.0)
+        next_frame = 0.0
+        done = 0
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            self.apply_commands()
+            period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
+            now = time.monotonic()
+            if period and now < next_frame:
+                self.stop.wait(min(next_frame - now, 0.25))
+                continue
+            try:
+                job = self.prefetch.get(self.stop)
+            except SourceEnded:
+                if not self.stop.is_set():
+                    log.info("source: %s ended", self.capture.source.description)
+                break
+            self.update_status()
+            if job is not None:
+                next_frame = max(next_frame + period, time.monotonic()) if period else 0.0
+                if not period and not (max_frames and done + 1 >= max_frames):
+                    # Flat out: the next frame is read and scaled while this one is in invoke(),
+                    # started so that it is ready as invoke() ends, not earlier: a frame taken
+                    # at once would wait out the whole invoke() and be that much older.
+                    lead = self._infer_ms - self._pre_ms - 0.2
+                    self.prefetch.request(time.monotonic() + max(lead, 0.0) / 1e3)
+                self.step(job)
+                self._pre_ms += 0.1 * (job.pre_ms - self._pre_ms)
+                done += 1
+                if max_frames and done >= max_frames:
+                    break
+            if time.monotonic() >= next_stats:
+                self.publish_stats()
+                next_stats = time.monotonic() + lp.stats_interval
+
+    def prepare(self) -> Prepared | None:
+        """The next frame scaled to the model's input (prefetch thread); None when none came in time."""
+        frame = self.capture.take()
+        if frame is None:
+            return None
+        age = (time.monotonic() - frame.mono) * 1e3
+        t0 = time.perf_counter()
+        keep: dict = {}
+        x, box = to_input(frame.image, self.clf.input, self.cfg.model.crop, keep=keep)
+        return Prepared(frame, x, box, keep.get("view"), age, (time.perf_counter() - t0) * 1e3)
+
     def update_status(self) -> None:
         """online, or degraded while the source fails; a change is published at once, with stats."""
         status = "degraded" if self.capture.stats.state == "degraded" else "online"
@@ -281,20 +320,16 @@ class Daemon:
             self.status = status
             self.sink.set_status(status)
             self.publish_stats()
-    def step(self, frame: Frame) -> None:
-        """One frame on the loop thread: scale it, one invoke(); the rest goes to the finisher."""
-        start = time.monotonic()
-        t: dict[str, float] = {"capture_age": (start - frame.mono) * 1e3}
+    def step(self, job: Prepared) -> None:
+        """One frame on the loop thread: one invoke(); the rest goes to the finisher."""
+        t: dict[str, float] = {"capture_age": job.age_ms, "pre": job.pre_ms}
         extra = self.requests.take()
         t0 = time.perf_counter()
-        keep: dict = {}
-        x, box = to_input(frame.image, self.clf.input, self.cfg.model.crop, keep=keep)
-        t1 = time.perf_counter()
-        inf = self.clf.infer(x)
-        t2 = time.perf_counter()
-        t["pre"], t["infer"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        inf = self.clf.infer(job.x)
+        t["infer"] = (time.perf_counter() - t0) * 1e3
+        self._infer_ms += 0.1 * (t["infer"] - self._infer_ms)  # running means, for the prefetch's timing
         self.processed += 1
-        self.finisher.put(Inferred(frame, inf, box, keep.get("view"), extra, t))
+        self.finisher.put(Inferred(job.frame, inf, job.box, job.view, extra, t))
 
     def finish(self, job: Inferred) -> None:
         """Top-k, the CAMs, the publish decision, encoding and the spool: on the finisher thread,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -66,3 +67,67 @@ class Stage(Generic[T]):
         self._queue.put(_STOP)
         self._thread.join()
         self._check()
+
+
+class Prefetch(Generic[T]):
+    """Takes the next item on its own thread when asked, so that it is ready when wanted.
+
+    The loop asks for the next frame as soon as it has the current one (when it runs flat out),
+    and the frame is read and scaled while the current one is in `invoke()`. Asking only when a
+    frame is wanted (a paced loop) keeps frames fresh. `get()` returns what `fetch` returned or
+    raises what it raised.
+    """
+
+    def __init__(self, name: str, fetch: Callable[[], T]) -> None:
+        self._fetch = fetch
+        self._wanted = threading.Event()
+        self._at = 0.0  # monotonic time to start fetching at
+        self._ready = threading.Condition()
+        self._result: tuple[bool, object] | None = None  # (ok, value or exception)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"edgecam-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._closed:
+                return
+            delay = self._at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                result: tuple[bool, object] = (True, self._fetch())
+            except BaseException as exc:  # handed to the loop thread, which decides
+                result = (False, exc)
+            with self._ready:
+                self._wanted.clear()
+                self._result = result
+                self._ready.notify_all()
+            if not result[0]:
+                return
+
+    def request(self, at: float = 0.0) -> None:
+        """Fetch the next item, from monotonic time `at` on (0: now), unless one is already
+        being fetched or waits. Starting just in time keeps a fast source's frames fresh."""
+        with self._ready:
+            if self._result is None and not self._wanted.is_set():
+                self._at = at
+                self._wanted.set()
+
+    def get(self, stop: threading.Event, poll: float = 0.25) -> T | None:
+        """The requested item (requesting it if needed); None once `stop` is set."""
+        self.request()
+        with self._ready:
+            while self._result is None:
+                if stop.is_set():
+                    return None
+                self._ready.wait(poll)
+            (ok, value), self._result = self._result, None
+        if not ok:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
