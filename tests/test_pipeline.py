@@ -145,10 +145,11 @@ def test_a_failure_after_inference_stops_the_daemon_with_the_error(tmp_path: Pat
     clf = Classifier(DEFAULT_MODEL, LABELS)
     d = Daemon(cfg, clf, Capture(Counted(50)), StdoutSink(), "test")
 
-    def broken(*_args: object) -> np.ndarray:
-        raise FloatingPointError("CAM went wrong")
+    class Broken:
+        def maps(self, *_args: object) -> np.ndarray:
+            raise FloatingPointError("CAM went wrong")
 
-    d.clf.cams = broken  # type: ignore[method-assign]
+    d.method = Broken()  # type: ignore[assignment]
     with pytest.raises(StageFailed, match="CAM went wrong"):
         d.run(0)
     assert d.seq == 0

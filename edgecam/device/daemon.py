@@ -17,7 +17,7 @@ import numpy as np
 
 from edgecam.contract import result_payload
 from edgecam.core.errors import EdgecamError
-from edgecam.core.explain import Explanation, explain_inference
+from edgecam.core.explain import explain_inference
 from edgecam.core.methods import make as make_method
 from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import Box, to_input
@@ -44,25 +44,33 @@ SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "d
 
 
 @dataclass
-class Prepared:
-    """A frame scaled to the model's input, and where the model's box falls on it."""
+class Picture:
+    """What an overlay is drawn on: the smallest picture kept of what the model saw."""
 
-    frame: Frame
+    image: np.ndarray
+    box: Box | None  # where the model's box falls on it; None: all of it
+
+
+@dataclass
+class Prepared:
+    """A frame scaled to the model's input. The full frame itself is not kept: only its times
+    and the picture overlays need, so frames in flight between the threads cost little memory."""
+
+    ts: float  # wall-clock capture time
+    mono: float  # monotonic capture time
     x: np.ndarray
     box: Box
-    view: np.ndarray | None
+    picture: Picture
     age_ms: float  # capture to the start of scaling
     pre_ms: float
 
 
 @dataclass
 class Inferred:
-    """What the loop thread hands the finisher: one frame and its inference."""
+    """What the loop thread hands the finisher: one frame's inference."""
 
-    frame: Frame
+    prepared: Prepared
     inference: Inference
-    box: Box
-    view: np.ndarray | None
     extra: list[int]
     timing: dict[str, float]
 
@@ -89,28 +97,28 @@ def published_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def overlay_picture(frame: Frame, exp: Explanation, width: int, height: int) -> tuple[np.ndarray, Box]:
-    """The picture to draw on at width x height, and where the model's box falls on it.
-
-    Preferred, in order: the source's display stream (the model saw all of it); the
-    scaled-down view preprocessing made on the way to the model, while it is still in
-    the cache, when the model saw the whole frame; else the frame itself.
-    """
+def overlay_source(frame: Frame, view: np.ndarray | None, box: Box) -> Picture:
+    """Preferred, in order: the source's display stream (the model saw all of it); the
+    scaled-down view preprocessing made on the way to the model, when the model saw the
+    whole frame; else the frame itself."""
     if frame.display is not None:
-        return resize_picture(frame.display, width, height), (0, 0, width, height)
+        return Picture(frame.display, None)
     h, w = frame.image.shape[:2]
-    if exp.view is not None and exp.box == (0, 0, w, h):
-        return resize_picture(exp.view, width, height), (0, 0, width, height)
-    sx, sy = width / w, height / h
-    x0, y0, x1, y1 = exp.box
-    box = (round(x0 * sx), round(y0 * sy), max(round(x1 * sx), 1), max(round(y1 * sy), 1))
-    return resize_picture(frame.image, width, height), box
+    if view is not None and box == (0, 0, w, h):
+        return Picture(view, None)
+    return Picture(frame.image, box)
 
 
-def overlay_jpeg(frame: Frame, exp: Explanation, cfg: Config) -> bytes:
+def overlay_jpeg(picture: Picture, cam: np.ndarray, cfg: Config) -> bytes:
     lp = cfg.loop
-    picture, box = overlay_picture(frame, exp, lp.overlay_width, lp.overlay_height)
-    img = overlay(picture, exp.cams[0], lp.overlay_style, box)
+    width, height = lp.overlay_width, lp.overlay_height
+    box: Box = (0, 0, width, height)
+    if picture.box is not None:
+        h, w = picture.image.shape[:2]
+        sx, sy = width / w, height / h
+        x0, y0, x1, y1 = picture.box
+        box = (round(x0 * sx), round(y0 * sy), max(round(x1 * sx), 1), max(round(y1 * sy), 1))
+    img = overlay(resize_picture(picture.image, width, height), cam, lp.overlay_style, box)
     ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, lp.jpeg_quality])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -311,7 +319,8 @@ class Daemon:
         t0 = time.perf_counter()
         keep: dict = {}
         x, box = to_input(frame.image, self.clf.input, self.cfg.model.crop, keep=keep)
-        return Prepared(frame, x, box, keep.get("view"), age, (time.perf_counter() - t0) * 1e3)
+        picture = overlay_source(frame, keep.get("view"), box)
+        return Prepared(frame.ts, frame.mono, x, box, picture, age, (time.perf_counter() - t0) * 1e3)
 
     def update_status(self) -> None:
         """online, or degraded while the source fails; a change is published at once, with stats."""
@@ -329,7 +338,7 @@ class Daemon:
         t["infer"] = (time.perf_counter() - t0) * 1e3
         self._infer_ms += 0.1 * (t["infer"] - self._infer_ms)  # running means, for the prefetch's timing
         self.processed += 1
-        self.finisher.put(Inferred(job.frame, inf, job.box, job.view, extra, t))
+        self.finisher.put(Inferred(job, inf, extra, t))
 
     def finish(self, job: Inferred) -> None:
         """Top-k, the CAMs, the publish decision, encoding and the spool: on the finisher thread,
@@ -337,11 +346,11 @@ class Daemon:
         lp = self.cfg.loop
         t = job.timing
         t0 = time.perf_counter()
-        exp = explain_inference(self.clf, job.inference, job.box, 3, job.extra, job.view, self.method)
+        exp = explain_inference(self.clf, job.inference, job.prepared.box, 3, job.extra, None, self.method)
         t1 = time.perf_counter()
         t["cam"] = (t1 - t0) * 1e3
         # Capture to CAM ready, waits between the threads included: what a consumer calls latency.
-        t["total"] = (time.monotonic() - job.frame.mono) * 1e3
+        t["total"] = (time.monotonic() - job.prepared.mono) * 1e3
         top_id, _, top_score = exp.top[0]
         if self.policy.decide(top_id, top_score, time.monotonic()):
             self.seq += 1
@@ -351,7 +360,7 @@ class Daemon:
                 device=self.device,
                 boot=self.boot,
                 seq=self.seq,
-                ts=job.frame.ts,
+                ts=job.prepared.ts,
                 model=self.clf.name,
                 top=exp.top,
                 cam_id=exp.cam_ids[0],
@@ -364,11 +373,11 @@ class Daemon:
             self.sink.result(payload)
             t3 = time.perf_counter()
             t["encode"], t["publish"] = (t2 - t1) * 1e3, (t3 - t2) * 1e3
-            t["handover"] = (time.monotonic() - job.frame.mono) * 1e3
+            t["handover"] = (time.monotonic() - job.prepared.mono) * 1e3
             self.last_result = payload
             if self.overlays.due() or self.snapshot.is_set():
                 self.snapshot.clear()
-                jpeg = overlay_jpeg(job.frame, exp, self.cfg)
+                jpeg = overlay_jpeg(job.prepared.picture, exp.cams[0], self.cfg)
                 t4 = time.perf_counter()
                 self.sink.overlay(jpeg)
                 t["overlay"] = (t4 - t3) * 1e3
