@@ -55,16 +55,16 @@ class ScoreCam(ChannelWeighted):
     channels: int = 128
     # The interpreters that also output a stage's tensor, by classifier and tensor.
     _interpreters: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
-    _found: Stage | None = field(default=None, init=False, repr=False)
+    _found: dict[int, Stage] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stage = str(self.stage)
         check_range("--channels", self.channels, 1, 100_000)
 
     def where(self, clf: Classifier) -> Stage:
-        if self._found is None:
-            self._found = find_stage(clf, self.stage)
-        return self._found
+        if id(clf) not in self._found:
+            self._found[id(clf)] = find_stage(clf, self.stage)
+        return self._found[id(clf)]
 
     def activations(self, clf: Classifier, x: np.ndarray, inference: Inference) -> np.ndarray:
         stage = self.where(clf)
