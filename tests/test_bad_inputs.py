@@ -104,7 +104,7 @@ def test_model_invoking_error(model_cache: Path) -> None:
     # edgecam rejects it from the graph, before the interpreter is asked to load it.
     model = BAD / "model_invoking_error.tflite"
     proc = explain_fails("--model", model, CAT)
-    one_error_line(proc, str(model), "input shape [1, 3] is not an RGB image")
+    one_error_line(proc, str(model), "input shape [1, 3] is not an image")
 
 
 def test_model_the_interpreter_cannot_load(model_cache: Path, tmp_path: Path) -> None:

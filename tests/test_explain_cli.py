@@ -56,8 +56,12 @@ def test_json_schema_and_raw_maps(model_cache: Path) -> None:
     res = run_cli("explain", "--json", "--top", "5", "--class", "tabby", "--class", "281", IMAGES / "cat.bmp")
     assert res.returncode == 0, res.stderr
     obj = json.loads(res.stdout)
-    assert set(obj) == {"image", "model", "top", "cams"}
+    assert set(obj) == {"image", "model", "top", "cams", "input"}
     assert obj["model"] == "tf2_mobilenet_v2_1.0_224_ptq"
+    # How the frame became the input: a uint8 model takes raw RGB pixels; 512x341 is under 3x of 224.
+    inp = obj["input"]
+    assert (inp["layout"], inp["channels"], inp["resize"]) == ("NHWC", 3, "exact (auto)")
+    assert inp["normalization"]["source"] == "quantization"
     assert len(obj["top"]) == 5 and all(set(t) == {"id", "label", "score"} for t in obj["top"])
     assert [c["id"] for c in obj["cams"]] == [obj["top"][0]["id"], 282, 281]
     for c in obj["cams"]:

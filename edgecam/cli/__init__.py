@@ -14,6 +14,7 @@ from edgecam.broker import add_broker_flags
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.evaluate import DEFAULT_METHODS
+from edgecam.core.images import DEFAULT_MAX_PIXELS
 from edgecam.core.methods import REGISTRY, names
 
 
@@ -33,6 +34,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-tensor", help="name of the feature-map tensor, when the head search fails")
     p.add_argument("--weights-tensor", help="name of the classifier weights tensor (with --feature-tensor)")
     p.add_argument("--bias-tensor", help="name of the classifier bias tensor (optional)")
+    p.add_argument("--input-mean", metavar="M[,M,M]",
+                   help="input normalisation, in pixel units 0..255: the model sees (pixel - mean) / std; one "
+                   "value or one per channel (default: the manifest's, else the model's metadata, else raw "
+                   "pixels for quantized inputs and 127.5 for float ones)")
+    p.add_argument("--input-std", metavar="S[,S,S]", help="input normalisation's std, with --input-mean")
+
+
+def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images whose header claims more pixels, before decoding them "
+                   f"(default {DEFAULT_MAX_PIXELS:,})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _method_help(which: list[str]) -> str:
@@ -71,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="classify image files and explain them with CAMs, offline")
     _add_model_args(ex)
     ex.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    _add_pixel_limit(ex)
     ex.add_argument("--top", "-k", type=int, default=3, help="how many labels to report (default 3)")
     ex.add_argument(
         "--class",
@@ -89,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--exact-resize",
         action="store_true",
-        help="plain INTER_AREA downscaling (slower on large frames; the default fast path is close to it)",
+        help="plain INTER_AREA downscaling always (default: INTER_AREA for inputs under 160 px and frames "
+        "under 3x the input, where the fast path would move answers; the fast path elsewhere)",
     )
     ex.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     ex.add_argument("--method", choices=names(), default="cam", metavar="METHOD",
@@ -103,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", action="append", choices=names(square_input=True), metavar="METHOD",
                     help="repeatable (default: " + ", ".join(DEFAULT_METHODS) + "; random is the baseline): "
                     + _method_help(names(square_input=True)))
+    _add_pixel_limit(ev)
     ev.add_argument("--masks", type=Path, help="directory of object masks named like the images (white = object)")
     ev.add_argument("--steps", type=int, default=16, help="points on each curve after the start (default 16)")
     _add_method_args(ev)
@@ -111,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("layers", help="each stage's channel-mean activation over the frame, in one picture")
     _add_model_args(la)
     la.add_argument("image", type=Path, metavar="IMAGE")
+    _add_pixel_limit(la)
     la.add_argument("--out", "-o", type=Path, default=Path("."), help="directory for IMAGE.layers.jpg (default .)")
     la.add_argument("--json", action="store_true", help="the stages as JSON on stdout")
     la.add_argument("--class", dest="cls", metavar="NAME_OR_ID",
@@ -262,14 +288,23 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"model:    {info['model']}")
     print(f"runtime:  {info['runtime']}")
     i = info["input"]
-    print(f"input:    {i['name']} {i['shape']} {i['dtype']}, {i['quantization']}; {i['preprocessing']}")
+    print(f"input:    {i['name']} {i['shape']} {i['dtype']} ({i['layout']}, {i['color']}), {i['quantization']}")
+    n = i["normalization"]
+    print(f"  normalisation:      from {n['source']}: {i['encoding']}")
+    if i.get("note"):
+        print(f"  note:               {i['note']}")
     h = info["head"]
-    print(f"head:     feature map -> {h['pool']} -> {h['linear']} -> {'softmax' if h['softmax_output'] else 'logits'}")
+    print(f"head:     feature map ({h['feature_layout']}) -> {h['pool']} -> {h['linear']} -> "
+          f"{'softmax' if h['softmax_output'] else 'logits'}")
     for key in ("feature_map", "classifier_weights", "classifier_bias", "logits", "output"):
         t = h[key]
         if t:
             print(f"  {key + ':':20s}#{t['index']} {t['name']!r} {t['shape']} {t['dtype']}, {t['quantization']}")
-    print(f"classes:  {info['classes']}; labels {info['labels']}")
+    print(f"classes:  {info['classes']}; labels {info['labels']} from {info['labels_source']}")
+    for line in info["repairs"]:
+        print(f"repaired: {line}")
+    for line in info["warnings"]:
+        print(f"warning:  {line}")
     return 0
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from edgecam.core.errors import EdgecamError
 from edgecam.core.manifest import resolve
 from edgecam.core.model import Classifier, HeadNames
+from edgecam.core.preprocess import normalization
 
 
 def load_classifier(args: argparse.Namespace, model: str | None = None) -> Classifier:
@@ -20,6 +22,13 @@ def load_classifier(args: argparse.Namespace, model: str | None = None) -> Class
         args.threads = int(env)
     if args.threads < 1 or args.threads > 64:
         raise EdgecamError(f"--threads {args.threads} is out of range (1..64)")
+    stated = None
+    if args.input_mean is not None or args.input_std is not None:
+        stated = normalization(args.input_mean, args.input_std, "flag", "--input-mean/--input-std")
     local = resolve(model or args.model, args.labels)
     names = HeadNames(args.feature_tensor, args.weights_tensor, args.bias_tensor) if args.feature_tensor else None
-    return Classifier(local.path, local.labels, num_threads=args.threads, name=local.name, head_names=names)
+    clf = Classifier(local.path, local.labels, num_threads=args.threads, name=local.name, head_names=names,
+                     normalization=stated or local.normalization)
+    for warning in clf.warnings:
+        print(f"edgecam: warning: {clf.path.name}: {warning}", file=sys.stderr)
+    return clf

@@ -36,7 +36,8 @@ def _evaluate_all(args: argparse.Namespace, clf: Classifier, methods: list[Metho
             failed += 1
             continue
         try:
-            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, scorer)
+            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, scorer,
+                                     max_pixels=args.max_pixels)
         except EdgecamError as exc:
             print(f"edgecam: {exc}", file=sys.stderr)
             failed += 1

@@ -6,15 +6,16 @@ import argparse
 import json
 import sys
 
-import cv2
+import numpy as np
 
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
-from edgecam.core.images import iter_images
+from edgecam.core.images import ImageRefused, iter_images, read_image
 from edgecam.core.labels import class_id
 from edgecam.core.methods import Method, Scorer, make
 from edgecam.core.model import Classifier
+from edgecam.core.preprocess import crop_box, resize_path
 from edgecam.core.render import overlay, write_image
 from edgecam.device.workers import scorer_for
 
@@ -78,14 +79,17 @@ def _explain_all(args: argparse.Namespace, clf: Classifier, method: Method, scor
     used: set[str] = set()
     for n, (path, problem) in enumerate(items, 1):
         progress.step(n - 1, path.name)
-        frame = None if problem else cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if frame is None:
+        try:
+            if problem:
+                raise ImageRefused(f"{path}: {problem}")
+            frame = read_image(path, args.max_pixels)
+        except ImageRefused as exc:
             failed += 1
             progress.close()
-            reason = problem or "cannot read as an image (unsupported or corrupt file)"
-            print(f"edgecam: {path}: {reason}", file=sys.stderr)
+            print(f"edgecam: {exc}", file=sys.stderr)
             continue
-        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize, method=method, scorer=scorer)
+        exp = explain_frame(clf, frame, args.top, extra, args.crop, args.exact_resize or None, method=method,
+                            scorer=scorer)
         if method.notice and method.notice != said:
             said = method.notice
             progress.close()
@@ -111,6 +115,7 @@ def _explain_all(args: argparse.Namespace, clf: Classifier, method: Method, scor
             obj = to_json(str(path), clf.name, exp, clf.labels)
             if args.method != "cam":  # the CAM's objects keep the schema they have always had
                 obj["method"] = args.method
+            obj["input"] = {**clf.input_info(), "resize": _resize_used(clf, frame, args)}
             print(json.dumps(obj), flush=True)
         else:
             print(_line(str(path), exp), flush=True)
@@ -118,6 +123,13 @@ def _explain_all(args: argparse.Namespace, clf: Classifier, method: Method, scor
     if failed:
         print(f"edgecam: {failed} of {len(items)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _resize_used(clf: Classifier, frame: np.ndarray, args: argparse.Namespace) -> str:
+    if args.exact_resize:
+        return "exact (--exact-resize)"
+    box = crop_box(frame.shape[0], frame.shape[1], clf.input.height, clf.input.width, args.crop)
+    return resize_path(box[3] - box[1], box[2] - box[0], clf.input.height, clf.input.width) + " (auto)"
 
 
 def _unique(stem: str, used: set[str]) -> str:

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
+from edgecam.core.images import read_image
 from edgecam.core.labels import class_id
 from edgecam.core.layers import picture, stage_interpreter, stage_tensors, stages
 from edgecam.core.methods import make
@@ -23,9 +23,7 @@ from edgecam.device.workers import scorer_for
 def run_layers(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     cls = class_id(args.cls, clf.labels) if args.cls is not None else None
-    frame = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-    if frame is None:
-        raise EdgecamError(f"{args.image}: cannot read as an image")
+    frame = read_image(args.image, args.max_pixels)
     found = stages(clf)
     x, _ = to_input(frame, clf.input)
     tensors = stage_tensors(clf, stage_interpreter(clf, found), x, found)

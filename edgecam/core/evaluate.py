@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError
+from edgecam.core.images import DEFAULT_MAX_PIXELS, read_image
 from edgecam.core.methods import Method, Scorer, names
 from edgecam.core.methods.occlusion import grey
 from edgecam.core.model import Classifier
@@ -100,10 +101,9 @@ def load_mask(masks: Path, image: Path, height: int, width: int) -> np.ndarray |
 
 
 def evaluate_image(clf: Classifier, path: Path, methods: list[Method], steps: int, seed: int,
-                   masks: Path | None, scorer: Scorer | None = None) -> list[Score]:
-    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if frame is None:
-        raise EdgecamError(f"{path}: cannot read as an image")
+                   masks: Path | None, scorer: Scorer | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Score]:
+    frame = read_image(path, max_pixels)
     # The same input for the maps and for the curves, prepared once.
     x, _ = to_input(frame, clf.input)
     _, h, w, _ = x.shape

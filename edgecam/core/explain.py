@@ -35,7 +35,7 @@ def explain_frame(
     top_k: int = 3,
     extra: list[int] | None = None,
     crop: bool = False,
-    exact: bool = False,
+    exact: bool | None = None,
     timing: dict[str, float] | None = None,
     method: Method = CAM,
     scorer: Scorer | None = None,

@@ -3,9 +3,13 @@
 A head is a 4-D feature map feeding a global average pool (MEAN over H and W,
 or an AVERAGE_POOL_2D whose window covers the map), possibly reshaped, feeding
 a linear layer (FULLY_CONNECTED or a 1x1 CONV_2D) whose output reaches a model
-output through shape and (de)quantization ops and an optional softmax. A
-SqueezeNet-style head, where the pooled map already is the class scores, is
-accepted too: its weights are the identity.
+output through shape and (de)quantization ops and an optional softmax. The map
+may be channels-first (a MEAN over axes 2 and 3, as PyTorch conversions pool).
+A SqueezeNet-style head, where a softmax over the pooled map gives the class
+scores, is accepted too: its weights are the identity. A pooled map that is the
+model's output with nothing after it is an embedding, not class scores, and is
+refused; so is a linear layer with a fused activation, whose scores are no
+longer a linear function of the map (the CAM identity would not hold).
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from edgecam.core.tflite_graph import Graph, Operator
 # Ops that only move, retype or requantize values: the head may pass through them.
 _PASS_THROUGH = {"RESHAPE", "SQUEEZE", "QUANTIZE", "DEQUANTIZE"}
 _SCORE_OPS = _PASS_THROUGH | {"SOFTMAX"}
+# A pooled [1, 1, 1, C] tensor keeps its values in order under any transpose.
+_POOLED_OPS = _PASS_THROUGH | {"TRANSPOSE"}
+# ActivationFunctionType (schema.fbs).
+_ACTIVATIONS = {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6", 4: "TANH", 5: "SIGN_BIT"}
 
 
 class HeadNotFound(ValueError):
@@ -37,6 +45,7 @@ class Head:
     bias: np.ndarray  # float32 [num_classes]
     weights_tensor: int | None
     bias_tensor: int | None
+    layout: str = "NHWC"  # of the feature map: "NCHW" when it is pooled over axes 2 and 3
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +64,8 @@ def _follow(graph: Graph, tensor: int, allowed: set[str]) -> tuple[int, list[str
         op = _sole_consumer(graph, tensor)
         if op is None or op.op not in allowed or op.inputs[0] != tensor:
             break
+        if op.op == "TRANSPOSE" and sum(d != 1 for d in graph.tensors[tensor].shape) > 1:
+            break
         seen.append(op.op)
         tensor = op.outputs[0]
     return tensor, seen
@@ -72,34 +83,42 @@ def const_value(graph: Graph, tensor: int) -> np.ndarray | None:
     return None
 
 
-def _is_global_pool(graph: Graph, op: Operator) -> bool:
+def _global_pool_layout(graph: Graph, op: Operator) -> str | None:
+    """The feature map's layout if `op` averages all of it over space, else None."""
     shape = graph.tensors[op.inputs[0]].shape
     if len(shape) != 4:
-        return False
-    h, w = shape[1], shape[2]
+        return None
     if op.op == "MEAN":
         axes = graph.constant(op.inputs[1]) if len(op.inputs) > 1 else None
-        return axes is not None and {int(a) % 4 for a in np.ravel(axes)} == {1, 2}
+        spatial = {int(a) % 4 for a in np.ravel(axes)} if axes is not None else set()
+        return {frozenset({1, 2}): "NHWC", frozenset({2, 3}): "NCHW"}.get(frozenset(spatial))
     if op.op == "AVERAGE_POOL_2D":
         o = op.options
-        return o.get("filter_height") == h and o.get("filter_width") == w and o.get("activation", 0) == 0
-    return False
+        if o.get("filter_height") == shape[1] and o.get("filter_width") == shape[2] and o.get("activation", 0) == 0:
+            return "NHWC"
+    return None
 
 
-def _linear_params(graph: Graph, op: Operator, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _linear_params(
+    graph: Graph, op: Operator, channels: int
+) -> tuple[np.ndarray, np.ndarray] | str:
+    """Weights [classes, C] and bias of a linear layer over the pooled channels, or why it is not one."""
     if op.op not in ("FULLY_CONNECTED", "CONV_2D") or len(op.inputs) < 2:
-        return None
-    if op.options.get("activation", 0) != 0:
-        return None  # a fused ReLU would make the CAM non-linear in the logit
+        return f"the pooled map feeds {op.op}, not a FULLY_CONNECTED or 1x1 CONV_2D classifier"
+    activation = op.options.get("activation", 0)
+    if activation != 0:
+        name = _ACTIVATIONS.get(activation, f"activation {activation}")
+        return (f"the {op.op} after the pool has a fused {name}: its scores are not a linear function of "
+                "the feature map, so a CAM would not add up to them")
     weights = const_value(graph, op.inputs[1])
     if weights is None:
-        return None
+        return f"the {op.op} after the pool has no constant weights"
     if op.op == "CONV_2D":
         if weights.ndim != 4 or weights.shape[1:3] != (1, 1):
-            return None
+            return f"the CONV_2D after the pool has a {weights.shape[1]}x{weights.shape[2]} kernel, not 1x1"
         weights = weights.reshape(weights.shape[0], weights.shape[3])
     if weights.ndim != 2 or weights.shape[1] != channels:
-        return None
+        return f"the {op.op} after the pool takes {weights.shape[-1]} inputs, the pool gives {channels}"
     bias = None
     if len(op.inputs) > 2 and op.inputs[2] >= 0:
         bias = const_value(graph, op.inputs[2])
@@ -109,21 +128,30 @@ def _linear_params(graph: Graph, op: Operator, channels: int) -> tuple[np.ndarra
 
 
 def find_head(graph: Graph) -> Head:
-    """The classifier head of the model, or HeadNotFound saying what was looked for."""
+    """The classifier head of the model, or HeadNotFound saying what was looked for (and, where a
+    global pool was found, why what follows it is not a classifier)."""
     candidates: list[Head] = []
+    reasons: list[str] = []
     for pool in graph.operators:
-        if pool.op not in ("MEAN", "AVERAGE_POOL_2D") or not _is_global_pool(graph, pool):
+        layout = _global_pool_layout(graph, pool) if pool.op in ("MEAN", "AVERAGE_POOL_2D") else None
+        if layout is None:
             continue
         feature = pool.inputs[0]
-        channels = graph.tensors[feature].shape[3]
-        pooled, _ = _follow(graph, pool.outputs[0], _PASS_THROUGH)
+        channels = graph.tensors[feature].shape[3 if layout == "NHWC" else 1]
+        pooled, _ = _follow(graph, pool.outputs[0], _POOLED_OPS)
         linear = _sole_consumer(graph, pooled)
         params = _linear_params(graph, linear, channels) if linear is not None else None
-        if linear is not None and params is not None and linear.inputs[0] == pooled:
+        if linear is not None and linear.inputs[0] == pooled and isinstance(params, tuple):
             logits = linear.outputs[0]
             weights, bias = params
             kind = linear.op
             wt, bt = linear.inputs[1], (linear.inputs[2] if len(linear.inputs) > 2 and linear.inputs[2] >= 0 else None)
+        elif isinstance(params, str) and linear is not None and linear.op in ("FULLY_CONNECTED", "CONV_2D"):
+            # Worth saying only when this is the head's place: the layer's output is the model's.
+            # A pool inside the network (squeeze-excite, a segmentation model's context branch) is not.
+            if _follow(graph, linear.outputs[0], _SCORE_OPS)[0] in graph.outputs:
+                reasons.append(params)
+            continue
         else:
             # SqueezeNet-style: the pooled channels are the class scores.
             logits, kind = pool.outputs[0], "NONE"
@@ -132,8 +160,19 @@ def find_head(graph: Graph) -> Head:
         end, ops = _follow(graph, logits, _SCORE_OPS)
         if end not in graph.outputs:
             continue
-        candidates.append(Head(feature, logits, end, pool.op, kind, "SOFTMAX" in ops, weights, bias, wt, bt))
+        if kind == "NONE" and "SOFTMAX" not in ops:
+            reasons.append(
+                f"the model's output is the pooled feature map itself ({channels} values from {pool.op}) with "
+                "no classifier layer or softmax after it: an embedding (feature extractor), not class scores"
+            )
+            continue
+        candidates.append(
+            Head(feature, logits, end, pool.op, kind, "SOFTMAX" in ops, weights, bias, wt, bt, layout)
+        )
     if not candidates:
+        if reasons:
+            # The last global pool in the graph is the head's, if any is (earlier ones: squeeze-excite blocks).
+            raise HeadNotFound(f"not a classifier edgecam can explain: {reasons[-1]}")
         raise HeadNotFound(
             "no classifier head found: expected a 4-D feature map -> global average pool "
             "(MEAN over H,W or AVERAGE_POOL_2D over the whole map) -> FULLY_CONNECTED or 1x1 CONV_2D "

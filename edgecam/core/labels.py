@@ -17,11 +17,16 @@ def read_labels(path: Path) -> list[str]:
         raise EdgecamError(f"{path}: labels file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EdgecamError(f"{path}: cannot read labels file ({exc})") from None
+    return parse_labels(text, str(path))
+
+
+def parse_labels(text: str, where: str) -> list[str]:
+    """Labels from a file's text: one a line, or `id label` lines."""
     lines = [line.rstrip("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise EdgecamError(f"{path}: labels file is empty")
+        raise EdgecamError(f"{where}: labels file is empty")
     numbered = [_NUMBERED.match(line) for line in lines]
     if all(numbered):
         table = {int(m.group(1)): m.group(2) for m in numbered if m}
@@ -33,7 +38,8 @@ def fit_labels(labels: list[str] | None, num_classes: int, source: str = "labels
     """Labels indexed by model output id.
 
     A 1001-class ImageNet model has `background` at id 0; its labels file may list
-    1001 lines (with background) or 1000 (without): both are accepted.
+    1001 lines (with background) or 1000 (without): both are accepted. A 1000-class model
+    (torchvision's) takes the 1001-line file too, its leading background dropped.
     """
     if labels is None:
         return [f"class {i}" for i in range(num_classes)]
@@ -41,6 +47,8 @@ def fit_labels(labels: list[str] | None, num_classes: int, source: str = "labels
         return labels
     if len(labels) == num_classes - 1:
         return ["background", *labels]
+    if len(labels) == num_classes + 1 and labels[0].strip().lower() in ("background", "???", "__background__"):
+        return labels[1:]
     raise EdgecamError(
         f"{source}: has {len(labels)} labels, the model has {num_classes} classes "
         f"(expected {num_classes}, or {num_classes - 1} without a background class)"

@@ -37,8 +37,8 @@ def stages(clf: Classifier) -> list[Stage]:
             shape = t[out].shape
             if len(shape) != 4 or shape[0] != 1 or min(shape[1], shape[2]) < 2 or out in clf.graph.inputs:
                 continue
-            if (shape[1], shape[2]) == (clf.input.height, clf.input.width) and shape[3] == 3:
-                continue  # the input itself, (de)quantized: not a stage
+            if (shape[1], shape[2]) == (clf.input.height, clf.input.width) and shape[3] == clf.input.channels:
+                continue  # the input itself, (de)quantized or transposed: not a stage
             size = (shape[1], shape[2])
             if order and size != order[-1] and size in last:
                 continue  # a side branch back at an earlier size: not the main path
@@ -69,7 +69,7 @@ def stage_interpreter(clf: Classifier, found: list[Stage]) -> Any:
 
 def stage_tensors(clf: Classifier, interpreter: Any, x: np.ndarray, found: list[Stage]) -> list[np.ndarray]:
     """Every stage's activation [h, w, C] for the prepared input x, from one invoke()."""
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    clf.set_input(interpreter, x)
     interpreter.invoke()
     t = clf.graph.tensors
     return [dequantized(t[s.index].quant, interpreter.get_tensor(s.index))[0] for s in found]

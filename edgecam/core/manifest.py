@@ -15,9 +15,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from edgecam.core.errors import EdgecamError
+from edgecam.core.preprocess import Normalization, normalization
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 _PACKAGED_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.toml"
@@ -31,6 +32,14 @@ class ModelEntry:
     labels_url: str | None = None
     labels_sha256: str | None = None
     description: str = ""
+    input_mean: Any = None  # one number or one per channel, pixel units (0..255)
+    input_std: Any = None
+
+    @property
+    def normalization(self) -> Normalization | None:
+        if self.input_mean is None and self.input_std is None:
+            return None
+        return normalization(self.input_mean, self.input_std, "manifest", f"models.{self.name}")
 
     @property
     def filename(self) -> str:
@@ -85,12 +94,17 @@ def load_manifest(path: Path | None = None) -> Manifest:
         for key in ("url", "sha256"):
             if not isinstance(entry.get(key), str):
                 raise EdgecamError(f"{path}: models.{name}.{key} is missing or not a string")
-        unknown = set(entry) - {"url", "sha256", "labels_url", "labels_sha256", "description"}
+        unknown = set(entry) - {"url", "sha256", "labels_url", "labels_sha256", "description", "input_mean",
+                                "input_std"}
         if unknown:
             raise EdgecamError(f"{path}: models.{name}: unknown key {sorted(unknown)[0]!r}")
         if entry.get("labels_url") and not isinstance(entry.get("labels_sha256"), str):
             raise EdgecamError(f"{path}: models.{name}.labels_sha256 is missing (labels_url needs it)")
         models[name] = ModelEntry(name=name, **entry)
+        try:
+            models[name].normalization  # noqa: B018 - checked now, so a bad manifest fails at load
+        except EdgecamError as exc:
+            raise EdgecamError(f"{path}: {exc}") from None
     default = data.get("default", "")
     if default not in models:
         raise EdgecamError(f"{path}: default model {default!r} is not listed under [models]")
@@ -244,6 +258,7 @@ class LocalModel:
     name: str
     path: Path
     labels: Path | None
+    normalization: Normalization | None = None  # the manifest's, for a known model
 
 
 def _cached(entry: ModelEntry, cache: Path) -> LocalModel:
@@ -276,30 +291,34 @@ def resolve(model: str | None, labels: str | None = None, fetch_missing: bool = 
     label_path = Path(labels) if labels else None
     path = Path(name)
     if name not in manifest.models and (path.suffix == ".tflite" or path.exists() or os.sep in name):
-        if label_path is None:
-            label_path = _labels_for_known_file(path, manifest)
-        return LocalModel(path.stem, path, label_path)
+        known = _known_entry(path, manifest)
+        if label_path is None and known is not None:
+            label_path = _labels_beside(known, path)
+        return LocalModel(path.stem, path, label_path, known.normalization if known else None)
     entry = manifest.get(name)
     local = _cached(entry, cache_dir())
     if not local.path.exists() or (local.labels and not local.labels.exists()):
         if not fetch_missing:
             raise EdgecamError(f"model {name!r} is not in the cache {cache_dir()}; run: edgecam models fetch {name}")
         local, _ = fetch(entry)
-    return LocalModel(local.name, local.path, label_path or local.labels)
+    return LocalModel(local.name, local.path, label_path or local.labels, entry.normalization)
 
 
-def _labels_for_known_file(path: Path, manifest: Manifest) -> Path | None:
-    """Labels for a model file that is a known model under another path (same sha256)."""
+def _known_entry(path: Path, manifest: Manifest) -> ModelEntry | None:
+    """The manifest's entry for a model file under another path (same sha256)."""
     try:
         digest = sha256_file(path)
     except OSError:
         return None  # the loader reports the unreadable model with its own message
-    for entry in manifest.models.values():
-        if entry.sha256 == digest and entry.labels_filename:
-            beside = path.parent / entry.labels_filename
-            if beside.exists():
-                return beside
-            cached = _cached(entry, cache_dir()).labels
-            if cached and cached.exists():
-                return cached
-    return None
+    return next((e for e in manifest.models.values() if e.sha256 == digest), None)
+
+
+def _labels_beside(entry: ModelEntry, path: Path) -> Path | None:
+    """A known model's labels: beside the file, else in the cache."""
+    if not entry.labels_filename:
+        return None
+    beside = path.parent / entry.labels_filename
+    if beside.exists():
+        return beside
+    cached = _cached(entry, cache_dir()).labels
+    return cached if cached and cached.exists() else None

@@ -4,25 +4,162 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
+
+from edgecam.core.errors import EdgecamError
 
 # A box in frame pixels: x0, y0, x1, y1 (x1, y1 exclusive).
 Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """The model's real input value for a pixel p (0..255) of channel c: (p - mean[c]) / std[c].
+
+    One value applies to every channel. `source` says who stated it: flag, config, manifest,
+    metadata, quantization (raw pixels, what a quantized input's own scale implies) or default.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = "default"
+
+    def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        return np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
+
+    def text(self) -> str:
+        def nums(v: tuple[float, ...]) -> str:
+            s = ", ".join(f"{x:g}" for x in v)
+            return s if len(v) == 1 else f"[{s}]"
+
+        return f"(pixel - {nums(self.mean)}) / {nums(self.std)}"
+
+
+DEFAULT_NORMALIZATION = Normalization((127.5,), (127.5,), "default")
+
+
+def parse_channels(value: object, what: str) -> tuple[float, ...]:
+    """One number, or one per channel: 127.5, "127.5", "123.7,116.3,103.5" or a list of numbers."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(",", " ").split() if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        out = tuple(float(p) for p in parts if not isinstance(p, bool))
+    except (TypeError, ValueError):
+        raise EdgecamError(f"{what}: {value!r} is not a number or a comma-separated list of numbers") from None
+    if not out or len(out) != len(parts) or len(out) > 4:
+        raise EdgecamError(f"{what}: {value!r}: give one number, or one per channel")
+    if not all(math.isfinite(v) for v in out):
+        raise EdgecamError(f"{what}: {value!r}: numbers must be finite")
+    return out
+
+
+def normalization(mean: object, std: object, source: str, where: str = "") -> Normalization:
+    """A stated normalisation, checked: both given, std above zero, in pixel units."""
+    pre = f"{where}: " if where else ""
+    if (mean is None) != (std is None):
+        raise EdgecamError(f"{pre}input mean and input std go together (give both)")
+    m = parse_channels(mean, f"{pre}input mean")
+    s = parse_channels(std, f"{pre}input std")
+    if any(v <= 0 for v in s):
+        raise EdgecamError(f"{pre}input std {std!r}: must be above zero")
+    if len(m) != len(s) and 1 not in (len(m), len(s)):
+        raise EdgecamError(f"{pre}input mean has {len(m)} values and input std {len(s)}: give one or one per channel")
+    return Normalization(m, s, source)
+
+
+@dataclass(frozen=True)
 class InputSpec:
+    """What the model's input takes: size, channels (3 RGB or 1 grey), type and normalisation.
+
+    Inputs are made channels-last ([1, H, W, C]); a channels-first model gets them transposed
+    where they are handed to the interpreter (Classifier.set_input).
+    """
+
     height: int
     width: int
     dtype: type
     scale: float = 0.0  # 0 for float inputs
     zero_point: int = 0
-    # Normalisation of float inputs: (pixel - mean) / std. Quantized uint8 inputs
-    # take raw pixels: their quantization already encodes the normalisation.
-    mean: float = 127.5
-    std: float = 127.5
+    norm: Normalization | None = None  # None: raw pixels for integer inputs, DEFAULT_NORMALIZATION for float
+    channels: int = 3
+    layout: str = "NHWC"
+
+    @property
+    def normalization(self) -> Normalization:
+        """The normalisation in force, in pixel units, whoever stated it."""
+        if self.norm is not None:
+            return self.norm
+        if not np.issubdtype(self.dtype, np.integer):
+            return DEFAULT_NORMALIZATION
+        return implied_by_quantization(self.dtype, self.scale, self.zero_point)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The interpreter's input shape."""
+        if self.layout == "NCHW":
+            return 1, self.channels, self.height, self.width
+        return 1, self.height, self.width, self.channels
+
+    @cached_property
+    def lut(self) -> np.ndarray:
+        """[256, C] model input value for each pixel value and channel: normalised, then quantized."""
+        return encode_table(self.dtype, self.scale, self.zero_point, self.normalization, self.channels)
+
+    @cached_property
+    def _encoding(self) -> str:
+        ramp = np.arange(256)
+        if self.dtype == np.uint8 and (self.lut == ramp[:, None]).all():
+            return "raw"
+        if self.dtype == np.int8 and (self.lut.astype(np.int16) == ramp[:, None] - 128).all():
+            return "xor"
+        return "lut"
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels [..., C] in the model's input encoding."""
+        if self._encoding == "raw":
+            return pixels
+        if self._encoding == "xor":
+            # pixel - 128: flipping the top bit does that without a widening copy.
+            return (pixels ^ 0x80).view(np.int8)
+        c = self.channels
+        lut = self.lut.reshape(256, 1, c) if c > 1 else self.lut.reshape(256)
+        out = cv2.LUT(pixels.reshape(pixels.shape[:2] + ((c,) if c > 1 else ())), lut)
+        return out.reshape(pixels.shape)
+
+
+def implied_by_quantization(dtype: type, scale: float, zero_point: int) -> Normalization:
+    """What feeding the raw pixel byte means for a quantized input: its own scale, as a normalisation.
+
+    uint8 takes the pixel itself, int8 the pixel - 128 (the TFLite convention for quantized image
+    models, whose quantization is the normalisation they were trained with).
+    """
+    offset = 128 if dtype == np.int8 else 0
+    if scale <= 0:
+        return Normalization((float(offset),), (1.0,), "quantization")
+    return Normalization((float(zero_point + offset),), (1.0 / scale,), "quantization")
+
+
+def encode_table(dtype: type, scale: float, zero_point: int, norm: Normalization, channels: int) -> np.ndarray:
+    """[256, channels] input values: (p - mean) / std, then quantized with the input's scale and zero point."""
+    mean, std = norm.per_channel(channels)
+    real = (np.arange(256, dtype=np.float64)[:, None] - mean[None, :]) / std[None, :]
+    if not np.issubdtype(dtype, np.integer):
+        return real.astype(dtype)
+    info = np.iinfo(dtype)
+    if scale <= 0:
+        # No quantization stated: integers as they come (the raw pixel, or pixel - 128 for int8).
+        q = np.arange(256)[:, None] - (128 if dtype == np.int8 else 0) + np.zeros(channels, np.int64)
+    else:
+        q = np.round(real / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def crop_box(height: int, width: int, target_h: int, target_w: int, crop: bool) -> Box:
@@ -47,11 +184,10 @@ def resize_area_fast(image: np.ndarray, width: int, height: int, keep: dict | No
     is already close to an area average and is used alone. Beyond, a bilinear step to
     an integer multiple of the target (2x at least, so each output pixel averages a
     block; at most 3x below the frame, so the bilinear step skips few pixels) is
-    followed by INTER_AREA's integer path. On the shared images at their own size,
-    640x480, 1280x720 and 1920x1080, the two MobileNetV2 models keep every top-1 label
-    of plain INTER_AREA, with top-1 scores within 0.03-0.05; the tiny MobileNetV1
-    0.25/128 sits on near ties it can tip (see README), hence `exact`. Nearest-neighbour
-    for the first step would halve its cost but moves scores twice as much.
+    followed by INTER_AREA's integer path. It moves the answers of small inputs and of
+    small scale factors, so to_input takes it only where resize_path says (the table in
+    docs/models.md). Nearest-neighbour for the first step would halve its cost but moves
+    scores twice as much.
 
     With `keep`, keep["view"] is the largest picture made on the way (the intermediate,
     or the image itself): overlays are drawn from it while it is still in the cache.
@@ -68,12 +204,34 @@ def resize_area_fast(image: np.ndarray, width: int, height: int, keep: dict | No
     return cv2.resize(mid, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def to_input(
-    frame_bgr: np.ndarray, spec: InputSpec, crop: bool = False, exact: bool = False, keep: dict | None = None
-) -> tuple[np.ndarray, Box]:
-    """The model's [1, H, W, 3] input for a BGR (OpenCV order) frame, and the box it covers.
+# Below these, the fast path moves answers (bench/bench_resize.py, docs/models.md): small inputs
+# (a 32x32 CIFAR ResNet, a 128 px MobileNetV1 on near ties) and small scale factors (640x480 to
+# 224, where one bilinear step does most of the work) take plain INTER_AREA.
+FAST_MIN_INPUT = 160
+FAST_MIN_FACTOR = 3.0
 
-    With `keep`, keep["view"] is a BGR picture of the box at least the input's size (see resize_area_fast).
+
+def resize_path(frame_h: int, frame_w: int, height: int, width: int) -> str:
+    """"fast" or "exact": which downscaling keeps the model's answers for this frame and input size."""
+    if min(height, width) < FAST_MIN_INPUT:
+        return "exact"
+    if frame_w < FAST_MIN_FACTOR * width or frame_h < FAST_MIN_FACTOR * height:
+        return "exact"
+    return "fast"
+
+
+def to_input(
+    frame_bgr: np.ndarray,
+    spec: InputSpec,
+    crop: bool = False,
+    exact: bool | None = None,
+    keep: dict | None = None,
+) -> tuple[np.ndarray, Box]:
+    """The model's [1, H, W, C] input for a BGR (OpenCV order) frame, and the box it covers.
+
+    C is 3 (RGB) or 1 (grey, from the resized frame). `exact`: True for plain INTER_AREA, False
+    for the fast path, None to choose by resize_path. With `keep`, keep["view"] is a BGR picture
+    of the box at least the input's size (see resize_area_fast) and keep["resize"] the path taken.
     """
     if frame_bgr.ndim == 2:
         frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
@@ -86,18 +244,18 @@ def to_input(
     region = frame_bgr[y0:y1, x0:x1]
     if region.dtype != np.uint8:
         region = np.clip(region, 0, 255).astype(np.uint8)
+    if exact is None:
+        exact = resize_path(region.shape[0], region.shape[1], spec.height, spec.width) == "exact"
+    if keep is not None:
+        keep["resize"] = "exact" if exact else "fast"
     if exact:
         small = cv2.resize(region, (spec.width, spec.height), interpolation=cv2.INTER_AREA)
         if keep is not None:
             keep["view"] = region
     else:
         small = resize_area_fast(region, spec.width, spec.height, keep)
-    rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
-    if spec.dtype == np.uint8:
-        x = rgb
-    elif spec.dtype == np.int8:
-        # int8 models take pixel - 128: flipping the top bit does that without a widening copy.
-        x = (rgb ^ 0x80).view(np.int8)
+    if spec.channels == 1:
+        pixels = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)[:, :, np.newaxis]
     else:
-        x = (rgb.astype(np.float32) - spec.mean) / spec.std
-    return x[np.newaxis], box
+        pixels = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+    return spec.encode(pixels)[np.newaxis], box

@@ -170,7 +170,8 @@ class Quantization:
         zp = self.zero_point.astype(np.float32)
         if scale.size > 1:
             shape = [1] * q.ndim
-            shape[self.axis] = scale.size
+            # An axis past the rank (TFLite Micro's person detector has them) means the only one there is.
+            shape[self.axis if self.axis < q.ndim else 0] = scale.size
             scale = scale.reshape(shape)
             zp = zp.reshape(shape)
         return (q.astype(np.float32) - zp) * scale
@@ -349,3 +350,32 @@ def with_outputs(data: bytes, extra: list[int]) -> bytes:
     out.extend(b"\0" * ((-len(out)) % 16))
     struct.pack_into("<I", out, field_pos, vec_pos - field_pos)
     return bytes(out)
+
+
+def repair_quantized_dimensions(data: bytes) -> tuple[bytes, list[int]]:
+    """The model with every quantized_dimension past its tensor's rank set to 0, and which tensors.
+
+    Older converters (TFLite Micro's person_detect) gave 1-D per-channel biases the axis of their
+    4-D weights (3); TFLite Micro never checks it, but the TFLite interpreter refuses the whole model.
+    For a 1-D tensor axis 0 is the only one it can mean. The fix overwrites four bytes in place.
+    """
+    graph = parse(data)
+    buf = _Buf(data)
+    model = _Table(buf, buf.u32(0))
+    out: bytearray | None = None
+    fixed: list[int] = []
+    for sg_index, sg in enumerate(model.tables(2)):
+        for i, t in enumerate(sg.tables(0)):
+            q = t.table(4)
+            pos = q.field_pos(6) if q is not None else None
+            if pos is None:
+                continue
+            rank = len(t.vector(0, "i4"))
+            if rank and buf.i32(pos) >= rank:
+                if out is None:
+                    out = bytearray(data)
+                struct.pack_into("<i", out, pos, 0)
+                if sg_index == 0:
+                    fixed.append(i)
+    del graph  # parsed first so that a malformed model fails here, with the reader's message
+    return (bytes(out) if out is not None else data), fixed

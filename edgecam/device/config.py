@@ -40,6 +40,8 @@ class SourceConfig:
     width: int = _f(640, "capture width asked of a camera (picamera2: the overlay stream)", lo=16, hi=8192)
     height: int = _f(480, "capture height asked of a camera", lo=16, hi=8192)
     read_timeout: float = _f(5.0, "seconds without a frame before the source counts as failed", lo=0.1, hi=600)
+    max_pixels: int = _f(25_000_000, "folder: images whose header claims more pixels are skipped undecoded",
+                         lo=1, hi=1_000_000_000)
 
 
 @dataclass
@@ -48,6 +50,10 @@ class ModelConfig:
     labels: str = _f("", "labels file (empty: the model's own)")
     threads: int = _f(2, "interpreter threads", lo=1, hi=64)
     crop: bool = _f(False, "centre-crop frames to the model's aspect instead of resizing the whole frame")
+    input_mean: str = _f("", "input normalisation in pixel units: the model sees (pixel - mean) / std; one value or "
+                         "one per channel, as a string (\"127.5\" or \"123.7,116.3,103.5\"; empty: the manifest's, "
+                         "else the model's metadata, else raw pixels for quantized inputs, 127.5 for float)")
+    input_std: str = _f("", "input normalisation's std, with input_mean (same form)")
 
 
 @dataclass

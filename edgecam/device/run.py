@@ -103,7 +103,8 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
     display = (src.width, src.height) if cfg.loop.overlay_every else None
 
     def make() -> Source:
-        return make_source(src.kind, src.uri, model_size, display, (src.width, src.height), src.repeat, src.fps)
+        return make_source(src.kind, src.uri, model_size, display, (src.width, src.height), src.repeat, src.fps,
+                           src.max_pixels)
 
     if src.kind == "auto":
         return Capture(open_auto(model_size, display, (src.width, src.height)), src.read_timeout)
@@ -123,6 +124,7 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 def run_daemon(args: argparse.Namespace) -> int:
     from edgecam.core.manifest import resolve
     from edgecam.core.model import Classifier
+    from edgecam.core.preprocess import normalization
     from edgecam.device.daemon import Daemon
     from edgecam.device.mqtt import MqttSink, StdoutSink
 
@@ -131,7 +133,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     cfg, origin = effective_config(args)
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
-    clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name)
+    m = cfg.model
+    stated = normalization(m.input_mean or None, m.input_std or None, "config", "model.input_mean/input_std") \
+        if m.input_mean or m.input_std else local.normalization
+    clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name, normalization=stated)
+    for warning in clf.warnings:
+        log.warning("model: %s", warning)
     sink: MqttSink | StdoutSink
     daemon: Daemon
     if cfg.mqtt.enabled:

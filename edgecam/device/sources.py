@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError
-from edgecam.core.images import IMAGE_SUFFIXES, image_files
+from edgecam.core.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageRefused, image_files, read_image
+
+_log = logging.getLogger(__name__)
 
 
 class SourceError(Exception):
@@ -82,8 +85,11 @@ class _Pacer:
 class FolderSource:
     """Images from a directory in name order, once or repeated, optionally at a set rate."""
 
-    def __init__(self, path: str | Path, repeat: bool = True, fps: float = 0.0) -> None:
+    def __init__(
+        self, path: str | Path, repeat: bool = True, fps: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.path = Path(path)
+        self.max_pixels = max_pixels
         self.repeat = repeat
         self.live = fps > 0
         self.pacer = _Pacer(fps)
@@ -110,7 +116,12 @@ class FolderSource:
                 self.pos = 0
             path = self.files[self.pos]
             self.pos += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            try:
+                image = read_image(path, self.max_pixels)
+            except ImageRefused as exc:
+                if path.name not in self.skipped:  # once per file, not once per round of the folder
+                    _log.warning("source: %s; skipped", exc)
+                image = None
             if image is not None:
                 self.pacer.wait()
                 self.delivered += 1
@@ -387,10 +398,11 @@ def make_source(
     capture_size: tuple[int, int],
     repeat: bool = True,
     fps: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Source:
     """The configured source, not yet opened ('auto' is open_auto's)."""
     if kind == "folder":
-        return FolderSource(uri, repeat, fps)
+        return FolderSource(uri, repeat, fps, max_pixels)
     if kind == "opencv":
         return OpenCVSource(uri, capture_size[0], capture_size[1], repeat, fps)
     if kind == "picamera2":

@@ -106,13 +106,10 @@ class ChannelWeighted(Method):
         return Maps(maps.astype(np.float32), 1 + runs, time.perf_counter() - start, detail, how)
 
 
-def grey(spec: InputSpec) -> float:
-    """A mid-grey pixel in the input's own encoding: what hidden parts of the input become."""
-    if spec.dtype == np.uint8:
-        return 128.0
-    if spec.dtype == np.int8:
-        return 0.0
-    return (128.0 - spec.mean) / spec.std
+def grey(spec: InputSpec) -> np.ndarray:
+    """A mid-grey pixel in the input's own encoding, one value per channel: what hidden parts of the
+    input become."""
+    return spec.lut[128]
 
 
 def masked(x: np.ndarray, masks: np.ndarray, fill: float) -> np.ndarray:

@@ -34,7 +34,7 @@ def positions(size: int, patch: int, stride: int) -> list[int]:
 
 
 def occluded_inputs(x: np.ndarray, spec: InputSpec, patch: int, stride: int) -> tuple[np.ndarray, int, int]:
-    """Every occluded copy of x [1, H, W, 3], as [rows * cols, H, W, 3], and the grid's shape."""
+    """Every occluded copy of x [1, H, W, C], as [rows * cols, H, W, C], and the grid's shape."""
     _, h, w, _ = x.shape
     ys, xs = positions(h, patch, stride), positions(w, patch, stride)
     batch = np.repeat(x, len(ys) * len(xs), axis=0)
@@ -96,7 +96,7 @@ def _batched(clf: Classifier, batch: np.ndarray) -> np.ndarray | None:
     """All occluded frames in one invoke() on a second interpreter, or None when the model refuses."""
     try:
         it = clf.resized_interpreter(list(batch.shape))
-        it.set_tensor(it.get_input_details()[0]["index"], batch)
+        clf.set_input(it, batch)
         it.invoke()
         raw = {t: it.get_tensor(t) for t in (clf.head.output, clf.head.logits)}
     except (RuntimeError, ValueError) as exc:

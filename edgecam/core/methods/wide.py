@@ -44,7 +44,7 @@ class WideCam(Cam):
         h, w = wide_size(frame_shape[0], frame_shape[1], min(clf.input.height, clf.input.width))
         if (h, w) not in self.interpreters:
             try:
-                self.interpreters[(h, w)] = clf.resized_interpreter([1, h, w, 3])
+                self.interpreters[(h, w)] = clf.resized_interpreter([1, h, w, clf.input.channels])
             except (RuntimeError, ValueError) as exc:
                 self.reason = self.notice = (
                     f"the runtime refused a {h}x{w} input ({' '.join(str(exc).split())[:120]})")
