@@ -178,11 +178,13 @@ def result_payload(
     cam: np.ndarray,
     timing_ms: dict[str, float],
     extra_cams: Sequence[tuple[int, str, np.ndarray]] = (),
+    clock: str | None = None,
 ) -> bytes:
     """One `.../result` message, compact JSON.
 
     `extra_cams` (classes a command asked for) go in an optional "cams" list of the
-    same objects as "cam"; consumers of v1 that do not know the key ignore it.
+    same objects as "cam"; consumers of v1 that do not know the key ignore it. So does
+    `clock`: "unsynced" when the device's wall clock was not set when `ts` was taken.
     """
     obj = {
         "v": CONTRACT_VERSION,
@@ -197,6 +199,8 @@ def result_payload(
     }
     if extra_cams:
         obj["cams"] = [{"id": int(i), "label": lab, **encode_cam(m)} for i, lab, m in extra_cams]
+    if clock:
+        obj["clock"] = clock
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

@@ -1,16 +1,15 @@
 """The durable outbox (edgecam.device.spool): order, persistence, quotas, and what happens when the file fails.
 
-Every test uses a real SQLite file under tmp_path; the disk-full tests mount an 8 MiB tmpfs
-(root only) and skip otherwise. No test sleeps: ages come from explicit `created` times and
-the flush back-off runs on a fake monotonic clock.
+Every test uses a real SQLite file under tmp_path; the disk-full tests mount small tmpfs
+filesystems (see tests/smallfs.py for how, and why they may not run). No test sleeps: ages
+come from clocks the test moves (Times), and the flush back-off runs on a fake monotonic clock.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
-import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -20,9 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import smallfs
 from conftest import ROOT
+from smallfs import fill_the_disk, free_bytes
 
 import edgecam.device.spool as spool_mod
+from edgecam.device.clock import Clocks
 from edgecam.device.spool import Message, Quota, Spool
 
 BIG = 10**12  # a quota that never bites
@@ -42,13 +44,37 @@ def quotas(
     }
 
 
+class Times:
+    """The spool's clocks as a test moves them: the wall clock, the uptime, the boot id."""
+
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.up = 1000.0
+        self.boot = "boot-1"
+
+    def clocks(self) -> Clocks:
+        return Clocks(wall=lambda: self.wall, uptime=lambda: self.up, boot=lambda: self.boot)
+
+    def pass_(self, seconds: float) -> None:
+        """Time passes, on both clocks."""
+        self.wall += seconds
+        self.up += seconds
+
+
+@pytest.fixture
+def times() -> Times:
+    return Times()
+
+
 @pytest.fixture
 def spools() -> Iterator[Callable[..., Spool]]:
-    """Open spools with `spools(path, quotas, memory_limit)`; all are closed after the test."""
+    """Open spools with `spools(path, quotas, memory_limit, clocks)`; all are closed after the test."""
     opened: list[Spool] = []
 
-    def make(path: Path | None, q: dict[str, Quota] | None = None, memory_limit: int = 1000) -> Spool:
-        s = Spool(path, q or quotas(), memory_limit)
+    def make(
+        path: Path | None, q: dict[str, Quota] | None = None, memory_limit: int = 1000, clocks: Clocks | None = None
+    ) -> Spool:
+        s = Spool(path, q or quotas(), memory_limit, clocks)
         opened.append(s)
         return s
 
@@ -70,18 +96,23 @@ def all_ids(s: Spool) -> list[int]:
 # --- order, fields, delete, counts ----------------------------------------------------------------
 
 
-def test_messages_come_back_in_order_with_their_fields(tmp_path: Path, spools: Callable[..., Spool]) -> None:
-    s = spools(tmp_path / "spool.db")
+def test_messages_come_back_in_order_with_their_fields(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    s = spools(tmp_path / "spool.db", clocks=times.clocks())
     assert s.state == "file"
     assert s.reason == ""
-    now = time.time()
+    now = times.wall
     sent = [
         ("result", "edgecam/dev/result", b'{"seq":1}', 1, now - 3.5),
         ("overlay", "edgecam/dev/overlay", b"\xff\xd8\x00jpeg\x00\xff\xd9", 0, now - 2.25),
         ("result", "edgecam/dev/result", b'{"seq":2}', 0, now - 1.0),
         ("result", "other/topic", b"", 1, now),
     ]
-    ids = [s.append(kind, topic, data, qos, created) for kind, topic, data, qos, created in sent]
+    ids = []
+    for kind, topic, data, qos, created in sent:
+        times.wall = created  # `created` is the wall clock's say
+        ids.append(s.append(kind, topic, data, qos))
     assert all(isinstance(i, int) for i in ids)
     assert all(a < b for a, b in itertools.pairwise(ids)), ids
 
@@ -108,7 +139,9 @@ def test_created_defaults_to_now(tmp_path: Path, spools: Callable[..., Spool]) -
 
 def test_delete_and_counts(tmp_path: Path, spools: Callable[..., Spool]) -> None:
     s = spools(tmp_path / "spool.db")
-    assert s.counts() == {"waiting": 0, "bytes": 0, "in_memory": 0, "dropped_results": 0, "dropped_overlays": 0}
+    assert s.counts() == {
+        "waiting": 0, "bytes": 0, "in_memory": 0, "dropped_results": 0, "dropped_overlays": 0, "lost_corrupt": 0
+    }
     ids = [s.append("result", "t", payload(i, 100 + i), 1) for i in range(6)]
     ov = s.append("overlay", "o", payload(99, 1000), 1)
     assert s.counts() == {
@@ -117,6 +150,7 @@ def test_delete_and_counts(tmp_path: Path, spools: Callable[..., Spool]) -> None
         "in_memory": 0,
         "dropped_results": 0,
         "dropped_overlays": 0,
+        "lost_corrupt": 0,
     }
 
     s.delete([ids[1], ids[3], ov])
@@ -153,8 +187,7 @@ def test_ids_keep_growing_after_deletes(tmp_path: Path, spools: Callable[..., Sp
 def test_messages_survive_close_and_reopen(tmp_path: Path, spools: Callable[..., Spool]) -> None:
     path = tmp_path / "spool.db"
     s = spools(path)
-    now = time.time()
-    ids = [s.append("result", f"t/{i}", payload(i), i % 2, now + i) for i in range(5)]
+    ids = [s.append("result", f"t/{i}", payload(i), i % 2) for i in range(5)]
     before = s.after(0, 100)
     s.close()
 
@@ -209,12 +242,18 @@ def test_messages_survive_the_process_being_killed(tmp_path: Path, spools: Calla
 import os
 import sqlite3
 from pathlib import Path
+from edgecam.device.clock import Clocks
 from edgecam.device.spool import Quota, Spool
 q = {{"result": Quota(10**12, 10**12), "overlay": Quota(10**12, 10**12)}}
-s = Spool(Path({str(path)!r}), q)
+wall = [1000.0]
+s = Spool(Path({str(path)!r}), q, clocks=Clocks(wall=lambda: wall[0]))
 assert s.state == "file", s.reason
-ids = [s.append("result", "t/%d" % i, b"payload-%d" % i, 1, 1000.0 + i) for i in range(20)]
-ids.append(s.append("overlay", "o", b"jpeg", 0, 2000.0))
+ids = []
+for i in range(20):
+    wall[0] = 1000.0 + i
+    ids.append(s.append("result", "t/%d" % i, b"payload-%d" % i, 1))
+wall[0] = 2000.0
+ids.append(s.append("overlay", "o", b"jpeg", 0))
 print(",".join(map(str, ids)), flush=True)
 os._exit(0)  # no close(): no checkpoint, the WAL is all there is
 """
@@ -302,16 +341,18 @@ def test_payload_bigger_than_the_quota_is_refused(
 # --- age quota ------------------------------------------------------------------------------------
 
 
-def test_age_quota(tmp_path: Path, spools: Callable[..., Spool]) -> None:
-    s = spools(tmp_path / "spool.db", quotas(result_age=60))
-    now = time.time()
-    old = s.append("result", "t", payload(0), 1, created=now - 120)
-    recent = s.append("result", "t", payload(1), 1, created=now - 30)
-    new = s.append("result", "t", payload(2), 1, created=now)
+def test_age_quota(tmp_path: Path, spools: Callable[..., Spool], times: Times) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_age=60), clocks=times.clocks())
+    start = times.wall
+    old = s.append("result", "t", payload(0), 1)
+    times.pass_(90)
+    recent = s.append("result", "t", payload(1), 1)
+    times.pass_(30)
+    new = s.append("result", "t", payload(2), 1)
     assert None not in (old, recent, new)
     got = s.after(0, 100)
     assert [m.id for m in got] == [recent, new]
-    assert [m.created for m in got] == [now - 30, now]
+    assert [m.created for m in got] == [start + 90, start + 120]
     assert s.dropped["result"] == 1
     c = s.counts()
     assert c["dropped_results"] == 1
@@ -319,25 +360,32 @@ def test_age_quota(tmp_path: Path, spools: Callable[..., Spool]) -> None:
     assert c["bytes"] == 200
 
 
-def test_age_quota_drops_every_expired_message(tmp_path: Path, spools: Callable[..., Spool]) -> None:
-    s = spools(tmp_path / "spool.db", quotas(result_age=60, overlay_age=60))
-    t0 = time.time() - 30
+def test_age_quota_drops_every_expired_message(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_age=60, overlay_age=60), clocks=times.clocks())
     for i in range(5):
-        s.append("result", "t", payload(i), 1, created=t0 + i)
-    ov = s.append("overlay", "o", payload(50), 1, created=t0 + 20)
-    keep = s.append("result", "t", payload(5), 1, created=t0 + 10)
-    # An append expires its own kind, against its own time: t0..t0+4 are over 60 s old at t0 + 65.
-    new = s.append("result", "t", payload(6), 1, created=t0 + 65)
+        s.append("result", "t", payload(i), 1)
+        times.pass_(1)
+    times.pass_(5)
+    keep = s.append("result", "t", payload(5), 1)
+    times.pass_(10)
+    ov = s.append("overlay", "o", payload(50), 1)
+    # An append expires its own kind: the first five are over 60 s old 65 s after the first.
+    times.pass_(45)
+    new = s.append("result", "t", payload(6), 1)
     assert s.dropped == {"result": 5, "overlay": 0}
-    assert all_ids(s) == [ov, keep, new]
+    assert all_ids(s) == [keep, ov, new]
 
 
-def test_a_kind_that_stopped_coming_expires_when_read(tmp_path: Path, spools: Callable[..., Spool]) -> None:
-    s = spools(tmp_path / "spool.db", quotas(result_age=BIG, overlay_age=60))
-    now = time.time()
-    stale = s.append("overlay", "o", payload(0), 1, created=now - 120)
+def test_a_kind_that_stopped_coming_expires_when_read(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_age=BIG, overlay_age=60), clocks=times.clocks())
+    stale = s.append("overlay", "o", payload(0), 1)
+    times.pass_(120)
     # Results keep coming, overlays stopped: the stale overlay must not be sent all the same.
-    results = [s.append("result", "t", payload(10 + i), 1, created=now) for i in range(3)]
+    results = [s.append("result", "t", payload(10 + i), 1) for i in range(3)]
     assert stale is not None and s.counts()["waiting"] == 4
     assert all_ids(s) == results
     assert s.dropped == {"result": 0, "overlay": 1}
@@ -347,14 +395,18 @@ def test_a_kind_that_stopped_coming_expires_when_read(tmp_path: Path, spools: Ca
 # --- kinds ----------------------------------------------------------------------------------------
 
 
-def test_kinds_have_separate_quotas(tmp_path: Path, spools: Callable[..., Spool]) -> None:
-    s = spools(tmp_path / "spool.db", quotas(result_bytes=1000, overlay_bytes=2000, overlay_age=60))
+def test_kinds_have_separate_quotas(tmp_path: Path, spools: Callable[..., Spool], times: Times) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_bytes=1000, overlay_bytes=2000, overlay_age=60),
+               clocks=times.clocks())
     results = [s.append("result", "r", payload(i), 1) for i in range(10)]  # the result quota exactly
-    t0 = time.time()
-    overlays = [s.append("overlay", "o", payload(100 + i, 500), 0, created=t0 + i) for i in range(20)]
+    overlays = []
+    for i in range(20):
+        overlays.append(s.append("overlay", "o", payload(100 + i, 500), 0))
+        times.pass_(1)
     assert None not in overlays
     # And age the overlays out too.
-    late = s.append("overlay", "o", payload(200, 500), 0, created=t0 + 1000)
+    times.pass_(1000)
+    late = s.append("overlay", "o", payload(200, 500), 0)
 
     got = s.after(0, 100)
     assert [m.id for m in got if m.kind == "result"] == results
@@ -454,11 +506,298 @@ def test_memory_only_quota_still_applies(tmp_path: Path, spools: Callable[..., S
     assert s.dropped["result"] == 2
 
 
+# --- salvaging a corrupt file ---------------------------------------------------------------------
+#
+# Real spool files with known rows, damaged page by page as a failing SD card damages them. Which
+# rows sat on which page is read from the file's bytes (SQLite's b-tree format), not from SQLite.
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for k in range(9):
+        byte = data[pos + k]
+        if k == 8:
+            return (value << 8) | byte, pos + 9
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, pos + k + 1
+    raise AssertionError("unreachable")
+
+
+def btree_pages(path: Path) -> dict[int, tuple[int, list[int]]]:
+    """Table b-tree pages after page 1: number -> (type byte, row ids for a leaf or child pages for an interior)."""
+    data = path.read_bytes()
+    ps = int.from_bytes(data[16:18], "big")
+    pages: dict[int, tuple[int, list[int]]] = {}
+    for n in range(2, len(data) // ps + 1):
+        off = (n - 1) * ps
+        kind, cells = data[off], int.from_bytes(data[off + 3 : off + 5], "big")
+        if kind not in (0x0D, 0x05):
+            continue
+        head = 8 if kind == 0x0D else 12
+        found = []
+        for c in range(cells):
+            cell = off + int.from_bytes(data[off + head + 2 * c : off + head + 2 * c + 2], "big")
+            if kind == 0x0D:
+                _, pos = _varint(data, cell)  # payload size, then the row id
+                found.append(_varint(data, pos)[0])
+            else:
+                found.append(int.from_bytes(data[cell : cell + 4], "big"))  # child page
+        if kind == 0x05:
+            found.append(int.from_bytes(data[off + 8 : off + 12], "big"))  # the right-most child
+        pages[n] = (kind, found)
+    return pages
+
+
+def leaves_of(path: Path, ids: list[int]) -> dict[int, list[int]]:
+    """The outbox's leaf pages (the row ids on each), in page order."""
+    known = set(ids)
+    db = sqlite3.connect(str(path))
+    try:
+        (clock,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'clock'").fetchone()
+    finally:
+        db.close()
+    return {n: rows for n, (kind, rows) in btree_pages(path).items()
+            if kind == 0x0D and n != clock and set(rows) <= known}
+
+
+def damage(path: Path, pages: list[int], how: str = "zeroed") -> None:
+    """Overwrite whole pages with zeroes or (seeded) random bytes, as a failing card would."""
+    rng = random.Random(f"{path.name}{pages}")
+    with path.open("r+b") as f:
+        for n in pages:
+            f.seek((n - 1) * 4096)
+            f.write(bytes(4096) if how == "zeroed" else rng.randbytes(4096))
+
+
+def written_and_closed(path: Path, n: int, size: int, kind: str = "result") -> list[int]:
+    s = Spool(path, quotas())
+    ids = [s.append(kind, "t", payload(i, size), 1) for i in range(n)]
+    s.close()
+    assert None not in ids
+    return [i for i in ids if i is not None]
+
+
+def spool_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name.startswith("edgecam") and r.getMessage().startswith("spool:")]
+
+
+@pytest.mark.parametrize("how", ["zeroed", "random"])
+def test_what_sqlite_can_still_read_from_a_corrupt_file_is_sent_and_the_rest_counted(
+    tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    path = tmp_path / "spool.db"
+    ids = written_and_closed(path, 400, 900)
+    leaves = leaves_of(path, ids)
+    order = list(leaves)
+    # Three leaves inside the table, two of them neighbours: stretches of one page and of two.
+    hit = [order[5], order[len(order) // 2], order[len(order) // 2 + 1]]
+    lost = sorted(i for n in hit for i in leaves[n])
+    damage(path, hit, how)
+    damaged = path.read_bytes()
+
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+    assert s.state == "file", s.reason
+    kept = [i for i in ids if i not in lost]
+    got = s.after(0, 10**6)
+    assert [m.id for m in got] == kept
+    assert [m.payload for m in got] == [payload(ids.index(i), 900) for i in kept]
+    c = s.counts()
+    assert (c["waiting"], c["bytes"], c["lost_corrupt"]) == (len(kept), 900 * len(kept), len(lost))
+
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("spool.db.corrupt-")]  # nothing beside it
+    assert aside.read_bytes() == damaged  # evidence kept as it was
+    lines = spool_lines(caplog)
+    assert [lvl for lvl, _ in lines] == [logging.ERROR, logging.WARNING], lines
+    assert "corrupt" in lines[0][1] and aside.name in lines[0][1]
+    assert f"{len(kept)} messages read back from {aside.name}" in lines[1][1]
+    assert f"{len(lost)} could not be read and are lost" in lines[1][1]
+    assert "cannot tell" not in lines[1][1]  # an exact count
+
+    # New messages go after the salvaged ones, and all of it is in the new file.
+    new = s.append("result", "t", payload(999), 1)
+    s.close()
+    s2 = spools(path)
+    assert all_ids(s2) == [*kept, new]
+    assert s2.counts()["lost_corrupt"] == 0
+
+
+def test_a_damaged_interior_page_hides_a_stretch_that_is_counted(
+    tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    ids = written_and_closed(path, 3000, 1500)  # two to a leaf: four or more interior pages
+    pages = btree_pages(path)
+    leaves = leaves_of(path, ids)
+    children = pages[2][1]  # page 2 is the root
+    assert len(children) >= 3 and all(pages[c][0] == 0x05 for c in children), "the table should have three levels"
+    hit = children[len(children) // 2]
+    under = sorted(i for child in pages[hit][1] for i in leaves.get(child, []))
+    assert under and under[0] > ids[0] and under[-1] < ids[-1]  # a stretch inside the table
+    damage(path, [hit])
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+    assert all_ids(s) == [i for i in ids if i not in set(under)]
+    assert s.counts()["lost_corrupt"] == len(under)
+
+
+def test_damage_at_the_start_of_the_table_is_said_to_be_uncounted(
+    tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    ids = written_and_closed(path, 200, 900)
+    leaves = leaves_of(path, ids)
+    first = next(iter(leaves))
+    damage(path, [first])
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+    assert all_ids(s) == [i for i in ids if i not in leaves[first]]
+    # SQLite cannot tell the lowest id any more, so how many the first page held is unknown: the
+    # log says so rather than guess.
+    assert s.counts()["lost_corrupt"] == 0
+    assert "cannot tell" in spool_lines(caplog)[1][1]
+
+
+def test_a_broken_overflow_page_loses_only_its_own_message(
+    tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    ids = written_and_closed(path, 10, 64 * 1024, kind="overlay")  # each spills over 16 overflow pages
+    data = path.read_bytes()
+    mark = payload(4, 64)[:10]  # "msg-00004:"
+    page = next(n for n in range(3, len(data) // 4096 + 1)
+                if data[(n - 1) * 4096] == 0 and mark in data[(n - 1) * 4096 + 4 : (n - 1) * 4096 + 40])
+    damage(path, [page])
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+    assert all_ids(s) == ids[:4] + ids[5:]
+    assert s.counts()["lost_corrupt"] == 1
+    assert [m.payload for m in s.after(0, 100)] == [payload(i, 64 * 1024) for i in (0, 1, 2, 3, 5, 6, 7, 8, 9)]
+
+
+def test_not_a_database_at_all_salvages_nothing_and_says_so(
+    tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"not a database " * 300)
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+    assert s.state == "file" and all_ids(s) == [] and s.counts()["lost_corrupt"] == 0
+    assert "nothing could be read back" in spool_lines(caplog)[1][1]
+
+
+# --- ages on a clock that does not jump -------------------------------------------------------------
+#
+# A Pi without an RTC boots on fake-hwclock's saved time, then NTP steps the wall clock. The spool
+# measures ages on CLOCK_BOOTTIME, carried across restarts and boots through the file.
+
+HOUR, DAY = 3600.0, 86400.0
+
+
+def test_a_wall_clock_stepped_forward_a_week_expires_nothing(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    path = tmp_path / "spool.db"
+    s = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    ids = []
+    for i in range(50):  # the broker is away; results wait
+        ids.append(s.append("result", "t", payload(i), 1))
+        times.pass_(1)
+    times.wall += 7 * DAY  # NTP steps the clock fake-hwclock booted on
+    times.pass_(5)
+    more = [s.append("result", "t", payload(100 + i), 1) for i in range(5)]  # appends expire their kind
+    assert all_ids(s) == [*ids, *more]  # and so do reads
+    assert s.dropped == {"result": 0, "overlay": 0}
+    s.close()
+    # The ages are in the file: reopened in the same boot, the same.
+    s2 = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    assert all_ids(s2) == [*ids, *more]
+    # And they do expire when they really are an hour old: the uptime clock governs.
+    times.up += HOUR - 55 + 10  # ten seconds past the first ten's hour
+    assert all_ids(s2) == [*ids[10:], *more]
+    assert s2.dropped["result"] == 10
+
+
+def test_a_wall_clock_stepped_back_keeps_the_age_limit(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    s = spools(tmp_path / "spool.db", quotas(result_age=HOUR), clocks=times.clocks())
+    a = s.append("result", "t", payload(0), 1)
+    times.wall -= 30 * DAY  # a clock set back (by hand, or a bad time server)
+    times.up += HOUR + 1
+    b = s.append("result", "t", payload(1), 1)
+    assert all_ids(s) == [b]
+    assert a is not None and s.dropped["result"] == 1
+
+
+def test_ages_go_on_across_a_restart_in_the_same_boot(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    path = tmp_path / "spool.db"
+    s = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    a = s.append("result", "t", payload(0), 1)
+    s.close()
+    times.pass_(3000)  # the daemon was stopped for 50 minutes; the device ran on
+    s2 = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    b = s2.append("result", "t", payload(1), 1)
+    assert all_ids(s2) == [a, b]
+    times.pass_(601)
+    assert all_ids(s2) == [b]
+
+
+@pytest.mark.parametrize(("stop", "counted"), [("clean", 900), ("power_cut", 600)])
+def test_time_switched_off_does_not_age_messages(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times, stop: str, counted: float
+) -> None:
+    path = tmp_path / "spool.db"
+    s = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    a = s.append("result", "t", payload(0), 1)
+    times.pass_(600)
+    b = s.append("result", "t", payload(1), 1)
+    times.pass_(300)
+    # A clean stop writes down where the boot's time got to (900 s after `a`); after a power cut
+    # the newest message is all there is (600 s after `a`).
+    if stop == "clean":
+        s.close()
+    # Off for a month. The next boot: a new boot id, uptime from zero, fake-hwclock's stale time.
+    times.boot, times.up = "boot-2", 20.0
+    s2 = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    assert all_ids(s2) == [a, b]
+    times.wall += 30 * DAY  # NTP at last
+    times.pass_(HOUR - counted)  # `a` has now been waiting an hour of running time, exactly
+    assert all_ids(s2) == [a, b]
+    times.pass_(1)
+    assert all_ids(s2) == [b]
+
+
+def test_a_spool_from_an_older_edgecam_keeps_its_messages(
+    tmp_path: Path, spools: Callable[..., Spool], times: Times
+) -> None:
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, topic TEXT NOT NULL, "
+               "payload BLOB NOT NULL, qos INTEGER NOT NULL, created REAL NOT NULL)")
+    db.executemany("INSERT INTO outbox VALUES (?, 'result', 't', ?, 1, ?)",
+                   [(i, payload(i), times.wall - 10 * DAY) for i in range(1, 6)])
+    db.commit()
+    db.close()
+    s = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    # Ten days old by the wall clock of the time, which may have been anything: they count from now.
+    assert all_ids(s) == [1, 2, 3, 4, 5]
+    new = s.append("result", "t", payload(6), 1)
+    assert new == 6
+    times.pass_(HOUR + 1)
+    assert all_ids(s) == []
+    assert s.dropped["result"] == 6
+
+
 # --- a full disk ----------------------------------------------------------------------------------
 #
-# The spool keeps a reserve free on its filesystem (5% of it, at least RESERVE_MIN): a message is
-# written only if it leaves the reserve, else it is held in memory. An 8 MiB tmpfs has the 1 MiB
-# minimum; 64 KiB messages (an overlay JPEG's size) fill it in a few dozen.
+# The spool keeps a reserve free on its filesystem (disk_budget: 5% of it, at least what deleting
+# needs): a message is written only if it leaves the reserve, else it is held in memory. An 8 MiB
+# tmpfs keeps 410 KiB; 64 KiB messages (an overlay JPEG's size) fill it in a few dozen.
 
 FS_SIZE = 8 * 1024 * 1024
 SIZE = 64 * 1024
@@ -467,22 +806,8 @@ SIZE = 64 * 1024
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs, unmounted after the test."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs to fill needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE // 1024}k", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
+    with smallfs.tmpfs(tmp_path / "small", FS_SIZE) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 class FakeClock:
@@ -536,28 +861,6 @@ class Feeder:
         assert [m.payload for m in got] == [self.sent[i] for i in ids]
 
 
-def free_bytes(mnt: Path) -> int:
-    st = os.statvfs(mnt)
-    return st.f_bavail * st.f_frsize
-
-
-def fill_the_disk(path: Path) -> None:
-    """Something else takes every last byte: write `path` until the filesystem refuses."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
-            while True:
-                try:
-                    if os.write(fd, chunk) == 0:
-                        break
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-    finally:
-        os.close(fd)
-
-
 def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "edgecam" and r.levelno >= logging.ERROR]
 
@@ -574,12 +877,11 @@ def rows_in_file(path: Path, ids: list[int] | None = None) -> int:
         db.close()
 
 
+@pytest.mark.mounts
 def test_full_disk_holds_messages_in_memory_until_space_returns(
     small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Something else takes half the disk; the spool fills the rest, up to the reserve. (Half, so
-    # that the WAL stays below its 4 MiB auto-checkpoint for the whole test: the checkpoint's own
-    # need for room is the subject of test_the_spool_alone_leaves_the_reserve_free.)
+    # Something else takes half the disk; the spool fills the rest, up to the reserve.
     filler = small_fs / "filler"
     filler.write_bytes(b"\0" * (FS_SIZE // 2))
     s = spools(small_fs / "spool.db")
@@ -588,7 +890,7 @@ def test_full_disk_holds_messages_in_memory_until_space_returns(
 
     with caplog.at_level(logging.INFO, logger="edgecam"):
         ids = feed.fill_until_memory()
-    assert s.reserve == spool_mod.RESERVE_MIN  # 5% of 8 MiB is below the minimum
+    assert s.reserve == spool_mod.disk_budget(FS_SIZE)[0] == FS_SIZE // 20  # 5% of 8 MiB
     assert len(ids) >= 10  # a few dozen made it to the file first
     assert s.reason == f"cannot write: disk nearly full, keeping {s.reserve // 1024} KiB free"
     assert s.counts()["in_memory"] == 1  # the one that did not fit, and only that one
@@ -646,6 +948,7 @@ def test_full_disk_holds_messages_in_memory_until_space_returns(
     assert s2.counts()["waiting"] == 0
 
 
+@pytest.mark.mounts
 def test_full_disk_without_space_stays_in_memory(
     small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -668,6 +971,7 @@ def test_full_disk_without_space_stays_in_memory(
     assert s.counts()["waiting"] == len(ids)
 
 
+@pytest.mark.mounts
 def test_the_spool_alone_leaves_the_reserve_free(small_fs: Path, spools: Callable[..., Spool]) -> None:
     # Filled by the spool alone (its WAL included), the filesystem keeps the reserve free, so that
     # acknowledgements can still be deleted and the rest of the system still has room.
@@ -677,6 +981,7 @@ def test_the_spool_alone_leaves_the_reserve_free(small_fs: Path, spools: Callabl
     assert free_bytes(small_fs) >= s.reserve, (free_bytes(small_fs), s.reserve)
 
 
+@pytest.mark.mounts
 def test_acks_on_a_full_disk_keep_counts_right(small_fs: Path, spools: Callable[..., Spool]) -> None:
     s = spools(small_fs / "spool.db")
     ids = Feeder(s).fill_until_memory(strict=False)
@@ -690,6 +995,7 @@ def test_acks_on_a_full_disk_keep_counts_right(small_fs: Path, spools: Callable[
     assert c["bytes"] == sum(len(m.payload) for m in left)
 
 
+@pytest.mark.mounts
 @pytest.mark.parametrize("others", [0, FS_SIZE // 2], ids=["spool_alone", "shared_disk"])
 def test_acks_on_a_full_disk_make_room_for_held_messages(
     small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, others: int
@@ -718,6 +1024,7 @@ def test_acks_on_a_full_disk_make_room_for_held_messages(
     assert rows_in_file(small_fs / "spool.db") == 2
 
 
+@pytest.mark.mounts
 def test_deletes_on_a_disk_filled_past_the_reserve_are_done_later(
     small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -769,6 +1076,103 @@ def test_deletes_on_a_disk_filled_past_the_reserve_are_done_later(
     assert rows_in_file(path) == len(kept) + 2
     feed.check(s, [*kept, *ids[-2:]])
     assert s.counts()["waiting"] == len(kept) + 2
+
+
+# --- the reserve in proportion, and a failing disk said once -----------------------------------------
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def test_the_reserve_is_a_share_of_the_filesystem_within_bounds() -> None:
+    assert spool_mod.disk_budget(2 * MiB) == (160 * KiB, 16)  # what deleting needs: above 5% here
+    assert spool_mod.disk_budget(8 * MiB) == (int(8 * MiB * 0.05), 32)
+    assert spool_mod.disk_budget(64 * MiB) == (int(64 * MiB * 0.05), 128)
+    assert spool_mod.disk_budget(32 * 1024 * MiB) == (16 * MiB, 128)  # an SD card: the cap
+    for size in (2**k for k in range(21, 42)):
+        reserve, wal_pages = spool_mod.disk_budget(size)
+        assert reserve <= 0.08 * size  # a small disk is not "nearly full" at a quarter used
+        assert reserve >= 2 * wal_pages * 4096  # deleting always has room for the WAL
+
+
+@pytest.mark.mounts
+@pytest.mark.parametrize(("fs_size", "size", "share"), [(2 * MiB, 1000, 0.80), (64 * MiB, 64 * KiB, 0.90)],
+                         ids=["2MiB", "64MiB"])
+def test_the_spool_fills_most_of_a_filesystem_and_leaves_the_reserve(
+    tmp_path: Path, fs_size: int, size: int, share: float
+) -> None:
+    with smallfs.tmpfs(tmp_path / "fs", fs_size) as mnt:
+        s = Spool(mnt / "spool.db", quotas())
+        try:
+            n = 0
+            while s.state == "file":
+                assert n < fs_size // size, "the spool never went to memory"
+                s.append("result", "t", payload(n, size), 1)
+                n += 1
+            reserve = spool_mod.disk_budget(fs_size)[0]
+            assert s.reserve == reserve
+            assert s.reason == f"cannot write: disk nearly full, keeping {reserve // 1024} KiB free"
+            assert smallfs.free_bytes(mnt) >= reserve  # kept free
+            # A fixed 1 MiB reserve plus the WAL stopped at 26% on 2 MiB.
+            assert smallfs.used_share(mnt) >= share, (smallfs.used_share(mnt), n)
+        finally:
+            s.close()
+
+
+@pytest.mark.mounts
+def test_a_full_disk_is_said_once_then_once_a_minute_then_once_when_it_is_over(
+    small_fs: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = spools(small_fs / "spool.db")
+    feed = Feeder(s)
+    with caplog.at_level(logging.INFO, logger="edgecam"):
+        on_file = feed.fill_until_memory()
+        # The broker is there: each held message goes out and is acknowledged at once, so memory
+        # is empty again before every frame (which used to log one error per frame).
+        s.delete([on_file.pop()])
+        for _ in range(300):  # 75 s at 4 results a second
+            clock.now += 0.25
+            s.delete([feed.one()])
+            assert s.state == "memory"
+        s.delete(on_file)  # the file's own messages are delivered too: room again
+        clock.now += 10
+        last = feed.one()
+    assert s.state == "file", s.reason
+    feed.check(s, [last])
+    lines = spool_lines(caplog)
+    assert [lvl for lvl, _ in lines] == [logging.ERROR, logging.WARNING, logging.INFO], lines
+    assert "disk nearly full" in lines[0][1]
+    # At 60 s: the first held message and the 240 of the first minute.
+    assert "still cannot write to" in lines[1][1] and "241 messages since held in memory" in lines[1][1]
+    assert "writing to" in lines[2][1] and "again after" in lines[2][1] and "301 messages held" in lines[2][1]
+
+
+@pytest.mark.mounts
+def test_a_read_only_spool_file_is_said_once_and_still_read(
+    tmp_path: Path, spools: Callable[..., Spool], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    old = written_and_closed(path, 3, 100)
+    with smallfs.read_only_file(path), caplog.at_level(logging.INFO, logger="edgecam"):
+        s = spools(path)
+        assert s.state == "file", s.reason
+        feed = Feeder(s)
+        # What was waiting is still read and sent; its acknowledgement cannot be written down.
+        assert [m.payload for m in s.after(0, 100)] == [payload(i, 100) for i in range(3)]
+        s.delete(old)
+        for _ in range(300):
+            clock.now += 0.25
+            got = feed.one()
+            assert [m.id for m in s.after(0, 100)] == [got]  # delivered from memory
+            s.delete([got])
+        assert s.state == "memory" and "readonly" in s.reason
+        s.close()
+    lines = spool_lines(caplog)
+    errors = [m for lvl, m in lines if lvl == logging.ERROR]
+    assert len(errors) == 2, lines  # the write, and the delete of what was delivered: once each
+    assert any("cannot write to" in m and "readonly" in m for m in errors)
+    assert any("cannot delete delivered messages" in m for m in errors)
+    assert sum(lvl == logging.WARNING for lvl, _ in lines) == 1  # at 60 s
+    assert len(lines) == 3
 
 
 # --- threads --------------------------------------------------------------------------------------

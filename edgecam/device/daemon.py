@@ -23,6 +23,7 @@ from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import Box, to_input
 from edgecam.core.render import overlay, resize_picture
 from edgecam.device.capture import Capture
+from edgecam.device.clock import clock_synced
 from edgecam.device.commands import Command, CommandError, RateLimit, parse, reply
 from edgecam.device.config import Config
 from edgecam.device.mqtt import Sink
@@ -40,7 +41,7 @@ log = logging.getLogger("edgecam")
 # rate by as much, so they are offline tools (`edgecam explain --method`). See docs/explain.md.
 DAEMON_METHOD = "cam"
 
-SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays")
+SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays", "lost_corrupt")
 
 
 @dataclass
@@ -368,6 +369,8 @@ class Daemon:
                 cam=maps[0],
                 timing_ms={k: t[k] for k in ("capture_age", "pre", "infer", "cam", "total")},
                 extra_cams=[(c, labels[c], m) for c, m in zip(exp.cam_ids[1:], maps[1:], strict=True)],
+                # Before NTP (no RTC on a Pi) `ts` may be the time of the last shutdown: say so.
+                clock="unsynced" if clock_synced() is False else None,
             )
             t2 = time.perf_counter()
             self.sink.result(payload)

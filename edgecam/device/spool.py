@@ -5,9 +5,15 @@ leave in the order they were made, across broker outages and process restarts.
 Bounded by size and age; when full, the configured policy drops the oldest or the
 newest, and counts what it dropped.
 
+Ages are measured on the spool's own time line, not the wall clock: CLOCK_BOOTTIME
+within a boot, carried over from one boot to the next without the time switched off,
+so NTP stepping a clock that booted on a stale time (a Pi has no RTC) expires nothing.
+
 When the file cannot be used (disk full, unwritable, corrupt), messages are held in
 memory instead, up to a count, and written to the file as soon as it works again;
-a corrupt file found at start-up is moved aside, never deleted.
+the log says so once, then once a minute with a count, then once when it works again.
+A corrupt file found at start-up is moved aside, never deleted, and what SQLite can
+still read from it is put back into the new one, ahead of new messages.
 """
 
 from __future__ import annotations
@@ -19,17 +25,24 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgecam.device.clock import Clocks
 
 log = logging.getLogger("edgecam")
 
-# Room the spool leaves free on its filesystem: 5% of it, within these bounds. Deleting
-# delivered messages needs room in the WAL, and the rest of the system needs some too.
-RESERVE_MIN = 1024 * 1024
+# Room the spool leaves free on its filesystem: RESERVE_SHARE of it, at most RESERVE_MAX, and
+# never less than deleting needs (the WAL can grow by its limit before it is folded back, plus
+# its index file). The WAL's limit scales with the filesystem too, so a 2 MiB disk is usable.
+RESERVE_SHARE = 0.05
 RESERVE_MAX = 16 * 1024 * 1024
-WAL_PAGES = 128
+WAL_PAGES_MIN, WAL_PAGES_MAX = 16, 128
+SHM_BYTES = 32 * 1024
+PAGE_SIZE = 4096  # SQLite's default, which the spool keeps
 CACHE_KIB = 256  # SQLite page cache, in KiB
+REPORT_EVERY = 60.0  # seconds between "still failing" log lines
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -38,9 +51,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    stamp REAL
+);
+CREATE TABLE IF NOT EXISTS clock (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    boot TEXT NOT NULL,
+    offset REAL NOT NULL,
+    last REAL NOT NULL
 );
 """
+COLUMNS = "id, kind, topic, payload, qos, created, stamp"
 
 
 @dataclass(frozen=True)
@@ -50,7 +71,9 @@ class Message:
     topic: str
     payload: bytes
     qos: int
-    created: float  # wall-clock seconds
+    created: float  # wall-clock seconds, as the clock said then (informative: ages use `stamp`)
+    # The spool's own time when stored (see Spool.now); what ages are measured on.
+    stamp: float = field(default=0.0, compare=False, repr=False)
 
 
 @dataclass
@@ -60,13 +83,80 @@ class Quota:
     policy: str = "drop_oldest"  # or drop_newest
 
 
+def disk_budget(fs_bytes: int, page_size: int = PAGE_SIZE) -> tuple[int, int]:
+    """(bytes to leave free, WAL pages before a checkpoint) for a filesystem of `fs_bytes`.
+
+    The WAL gets a 64th of the filesystem (16 to 128 pages); the reserve is RESERVE_SHARE of
+    it, within [twice the WAL plus its index, RESERVE_MAX]. A 2 MiB disk keeps 160 KiB free
+    (the fixed 1 MiB of before, plus the WAL, made it "nearly full" at a quarter used).
+    """
+    wal_pages = max(WAL_PAGES_MIN, min(WAL_PAGES_MAX, fs_bytes // 64 // page_size))
+    floor = 2 * wal_pages * page_size + SHM_BYTES
+    reserve = max(floor, min(RESERVE_MAX, int(fs_bytes * RESERVE_SHARE)))
+    return reserve, wal_pages
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Outage:
+    """The log of one kind of failure: one line when it starts, one every REPORT_EVERY s while
+    it lasts (with how many messages it touched), one when it ends. Never a line per frame."""
+
+    def __init__(self, what: str, path: Path | None, counted: str) -> None:
+        self.what = what  # "write to" or "read"
+        self.path = path
+        self.counted = counted  # what `count` counts, for the log
+        self.since: float | None = None
+        self.reason = ""
+        self.count = 0  # since the last line
+        self.total = 0
+        self._next = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.since is not None
+
+    def failed(self, reason: str, now: float, then: str) -> None:
+        self.reason = reason
+        if self.since is None:
+            self.since, self._next, self.count, self.total = now, now + REPORT_EVERY, 0, 0
+            log.error("spool: cannot %s %s (%s); %s", self.what, self.path, reason, then)
+
+    def touched(self, now: float, n: int = 1) -> None:
+        """n messages were held (or reads failed) because of it; says so once a minute."""
+        if self.since is None:
+            return
+        self.count += n
+        self.total += n
+        if now >= self._next:
+            log.warning("spool: still cannot %s %s (%s) after %s; %d %s",
+                        self.what, self.path, self.reason, _ago(now - self.since), self.count, self.counted)
+            self.count, self._next = 0, now + REPORT_EVERY
+
+    def ended(self, now: float, detail: str) -> None:
+        if self.since is not None:
+            log.info("spool: %s %s again after %s (%d %s; %s)",
+                     "writing to" if self.what == "write to" else "reading", self.path,
+                     _ago(now - self.since), self.total, self.counted.replace(" since ", " "), detail)
+            self.since = None
+
+
 class Spool:
     """Thread-safe. One writer (the loop) and one reader (the sender) are the expected users."""
 
-    def __init__(self, path: Path | None, quotas: dict[str, Quota], memory_limit: int = 1000) -> None:
+    def __init__(
+        self, path: Path | None, quotas: dict[str, Quota], memory_limit: int = 1000, clocks: Clocks | None = None
+    ) -> None:
         self.path = path
         self.quotas = quotas
         self.memory_limit = memory_limit
+        self.clocks = clocks or Clocks()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._mem: deque[Message] = deque()  # held while the file cannot take them; always newest
@@ -76,18 +166,31 @@ class Spool:
         self._bytes: dict[str, int] = dict.fromkeys(quotas, 0)
         self._count: dict[str, int] = dict.fromkeys(quotas, 0)
         self.dropped: dict[str, int] = dict.fromkeys(quotas, 0)
+        self.lost_corrupt = 0  # messages in a corrupt file that could not be read back
         self.state = "memory"  # "file" or "memory"
         self.reason = "no spool file configured" if path is None else ""
         self._next_id = 1
         self._retry_at = 0.0
-        self.reserve = 0  # bytes left free on the spool's filesystem, set on first use
+        self.reserve = 0  # bytes left free on the spool's filesystem, set when the file is opened
+        self.wal_pages = WAL_PAGES_MAX
+        self._stamp = "stamp"  # the column ages are read from ("NULL" in an old file that cannot take it)
         self.waiting_at_start = 0
-        self._expired_at = 0.0  # when after() last expired every kind
+        self._writes = Outage("write to", path, "messages since held in memory")
+        self._reads = Outage("read", path, "reads since failed")
+        # Spool time = this boot's uptime + offset; the offset carries the time line across boots.
+        self._boot = self.clocks.boot()
+        self._offset = -self.clocks.uptime()
+        self._expired_at: float | None = None  # spool time after() last expired every kind
         if path is not None:
             self._open(path)
 
+    def now(self) -> float:
+        """The spool's time: seconds on a line that never steps, without the time switched off."""
+        return self.clocks.uptime() + self._offset
+
     # -- set-up -------------------------------------------------------------------------
     def _open(self, path: Path) -> None:
+        salvaged: list[Message] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = self._connect(path)
@@ -99,10 +202,12 @@ class Spool:
                     if src.exists():
                         src.replace(Path(str(aside) + suffix))
                 log.error("spool: %s is corrupt (%s); moved aside to %s, starting a new one", path, exc, aside.name)
+                salvaged = self._salvage(aside)
                 try:
                     db = self._connect(path)
                 except (sqlite3.Error, OSError) as exc2:
                     self._memory_only(f"cannot create {path}: {exc2}")
+                    self._hold_salvaged(salvaged)
                     return
             else:
                 self._memory_only(f"cannot open {path}: {exc}")
@@ -112,6 +217,7 @@ class Spool:
             return
         self._db = db
         self.state, self.reason = "file", ""
+        self._start_time_line(db)
         for kind, n, size, top in db.execute(
             "SELECT kind, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MAX(id) FROM outbox GROUP BY kind"
         ):
@@ -119,9 +225,14 @@ class Spool:
                 self._count[kind], self._bytes[kind] = int(n), int(size)
             self._next_id = max(self._next_id, int(top) + 1)
         self.waiting_at_start = sum(self._count.values())
+        self._hold_salvaged(salvaged)
 
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        try:
+            st = os.statvfs(path.parent)
+            self.reserve, self.wal_pages = disk_budget(st.f_blocks * st.f_frsize)
+        except OSError:
+            pass  # the connect below says what is wrong with the place
         db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -130,14 +241,24 @@ class Spool:
             db.execute("PRAGMA synchronous=NORMAL")
             # Small WAL, folded back often and cut back after: a checkpoint can grow the file by
             # the WAL's size at once, which the reserve has to cover.
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+            db.execute(f"PRAGMA journal_size_limit={self.wal_pages * PAGE_SIZE}")
             # Zeroing freed pages (on in some builds) makes a delete write as much as it frees.
             db.execute("PRAGMA secure_delete=OFF")
             # The outbox is written and read in order, so a small page cache does (SQLite's default
             # is 2 MB): a long outage should not show up as resident memory on a 512 MB Zero 2 W.
             db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            db.executescript(SCHEMA)
+            try:
+                db.executescript(SCHEMA)
+                if "stamp" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
+                    db.execute("ALTER TABLE outbox ADD COLUMN stamp REAL")  # a spool from before it had a clock
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise
+                # A read-only file can still be read and sent from (writes are held in memory); the
+                # ages of messages in a file from before the spool had its own clock count from now.
+                if "stamp" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
+                    self._stamp = "NULL"
             db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("database disk image is malformed (quick_check)")
@@ -146,52 +267,98 @@ class Spool:
             raise
         return db
 
+    def _start_time_line(self, db: sqlite3.Connection) -> None:
+        """Carry the spool's time line on from the file: the same boot keeps its offset; a new boot
+        starts where the last one ended (its last clean stop, or its newest message), so the time
+        switched off does not age anything."""
+        up = self.clocks.uptime()
+        try:
+            row = db.execute("SELECT boot, offset, last FROM clock WHERE one = 1").fetchone()
+            newest = db.execute("SELECT stamp FROM outbox WHERE stamp IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
+        except sqlite3.Error:
+            row, newest = None, None
+        if row is not None and self._boot and row[0] == self._boot:
+            self._offset = float(row[1])
+        else:
+            ended = max(float(row[2]) if row else 0.0, float(newest[0]) if newest else 0.0)
+            self._offset = ended - up
+        self._record_time_line(db)
+        with contextlib.suppress(sqlite3.Error):
+            # Messages from before the spool had its own clock: their age counts from now.
+            db.execute("UPDATE outbox SET stamp = ? WHERE stamp IS NULL", (self.now(),))
+
+    def _record_time_line(self, db: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("INSERT OR REPLACE INTO clock (one, boot, offset, last) VALUES (1, ?, ?, ?)",
+                       (self._boot, self._offset, self.now()))
+
     def _memory_only(self, reason: str) -> None:
         self._db = None
         self.state, self.reason = "memory", reason
-        log.error("spool: %s; messages are held in memory only (up to %d) until it works", reason, self.memory_limit)
+        self._writes.failed(reason.removeprefix(f"cannot open {self.path}: "), time.monotonic(),
+                            f"messages are held in memory only (up to {self.memory_limit}) until it works")
         self._retry_at = time.monotonic() + 30
 
+    # -- salvage ------------------------------------------------------------------------
+    def _salvage(self, aside: Path) -> list[Message]:
+        """What SQLite can still read from a corrupt file, in order; the rest is counted as lost."""
+        rows, lost, exact = salvage(aside, set(self.quotas))
+        now = self.now()
+        msgs = [Message(i, k, t, p, q, c, now) for i, k, t, p, q, c in rows]
+        self.lost_corrupt += lost
+        unknown = "" if exact else " (and the damage hid a stretch whose size SQLite cannot tell)"
+        if rows or lost:
+            log.warning("spool: %d messages read back from %s into the new spool; %d could not be read and are "
+                        "lost%s", len(msgs), aside.name, lost, unknown)
+        else:
+            log.warning("spool: nothing could be read back from %s", aside.name)
+        return msgs
+
+    def _hold_salvaged(self, msgs: list[Message]) -> None:
+        """Salvaged messages go first: ids from the old file, which the new one continues above."""
+        if not msgs:
+            return
+        self._next_id = max(self._next_id, msgs[-1].id + 1)
+        for m in msgs:
+            self._count[m.kind] += 1
+            self._bytes[m.kind] += len(m.payload)
+        self._mem.extend(msgs)
+        self._retry_at = 0.0
+        self._flush_memory(quiet=True)
+        self._bound_memory()
+
     # -- the writer ---------------------------------------------------------------------
-    def append(self, kind: str, topic: str, payload: bytes, qos: int, created: float | None = None) -> int | None:
+    def append(self, kind: str, topic: str, payload: bytes, qos: int) -> int | None:
         """Store one message; returns its id, or None when the quota's policy dropped it."""
-        created = time.time() if created is None else created
         with self._lock:
+            created, now = self.clocks.wall(), self.now()
             quota = self.quotas[kind]
             if len(payload) > quota.max_bytes:
                 self.dropped[kind] += 1
                 return None
-            self._expire(kind, created)
+            self._expire(kind, now)
             while self._bytes[kind] + len(payload) > quota.max_bytes and self._count[kind]:
                 if quota.policy == "drop_newest":
                     self.dropped[kind] += 1
                     return None
                 self._drop_oldest(kind)
-            msg = Message(self._next_id, kind, topic, payload, qos, created)
+            msg = Message(self._next_id, kind, topic, payload, qos, created, now)
             self._next_id += 1
-            self._flush_memory()
-            if self._db is not None and not self._mem and not self._room_for(len(payload)):
-                reason = f"disk nearly full, keeping {self.reserve // 1024} KiB free"
-                self._write_failed(sqlite3.OperationalError(reason))
-                self._mem.append(msg)
-            elif self._db is not None and not self._mem:
-                try:
-                    self._db.execute(
-                        "INSERT INTO outbox (id, kind, topic, payload, qos, created) VALUES (?, ?, ?, ?, ?, ?)",
-                        (msg.id, kind, topic, payload, qos, created),
-                    )
-                except sqlite3.Error as exc:
-                    self._write_failed(exc)
-                    self._mem.append(msg)
-            else:
-                self._mem.append(msg)
             self._count[kind] += 1
             self._bytes[kind] += len(payload)
-            while len(self._mem) > self.memory_limit:
-                old = self._mem.popleft()
-                self._forget(old.kind, len(old.payload))
-                self.dropped[old.kind] += 1
+            # One way into the file: behind whatever is held, so nothing overtakes an older message.
+            self._mem.append(msg)
+            self._flush_memory()
+            if self._mem:
+                self._writes.touched(time.monotonic())
+            self._bound_memory()
             return msg.id
+
+    def _bound_memory(self) -> None:
+        while len(self._mem) > self.memory_limit:
+            old = self._mem.popleft()
+            self._forget(old.kind, len(old.payload))
+            self.dropped[old.kind] += 1
 
     def _room_for(self, size: int) -> bool:
         """Whether writing `size` bytes still leaves the reserve free.
@@ -204,8 +371,6 @@ class Spool:
         try:
             st = os.statvfs(self.path.parent)
             free = st.f_bavail * st.f_frsize
-            if not self.reserve:
-                self.reserve = max(RESERVE_MIN, min(RESERVE_MAX, st.f_blocks * st.f_frsize // 20))
             pages, page_size = (self._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_size"))
         except (OSError, sqlite3.Error):
             return True  # no figure: let the write itself tell
@@ -213,13 +378,13 @@ class Spool:
         pending = wal.stat().st_size if wal.exists() else 0  # what a checkpoint may add to the file
         return free + pages * page_size - pending - 2 * size >= self.reserve
 
-    def _write_failed(self, exc: sqlite3.Error) -> None:
-        log.error("spool: cannot write to %s (%s); holding messages in memory until it can", self.path, exc)
-        self.state, self.reason = "memory", f"cannot write: {exc}"
+    def _write_failed(self, reason: str) -> None:
+        self.state, self.reason = "memory", f"cannot write: {reason}"
+        self._writes.failed(reason, time.monotonic(), "holding messages in memory until it can")
         self._retry_at = time.monotonic() + 5
 
-    def _flush_memory(self) -> None:
-        """Move held messages into the file, oldest first, once it takes writes again."""
+    def _flush_memory(self, quiet: bool = False) -> None:
+        """Move held messages into the file, oldest first, when it takes writes (again)."""
         if not (self._mem or self._tombstones) or time.monotonic() < self._retry_at:
             return
         if self._db is None:
@@ -230,31 +395,41 @@ class Spool:
                 self._db = self._connect(self.path)
             except (sqlite3.Error, OSError):
                 return
-        if self._tombstones and not self._retry_deletes():
-            self._retry_at = time.monotonic() + 5
-            return
+            self._record_time_line(self._db)
+        if self._tombstones:
+            failed = self._retry_deletes()
+            if failed is not None:
+                if self._mem:  # held because of it
+                    self._write_failed(failed)
+                self._retry_at = time.monotonic() + 5
+                return
         if not self._mem:
             return
         if not self._room_for(sum(len(m.payload) for m in self._mem)):
-            self._retry_at = time.monotonic() + 5
+            self._write_failed(f"disk nearly full, keeping {self.reserve // 1024} KiB free")
             return
         try:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO outbox (id, kind, topic, payload, qos, created) VALUES (?, ?, ?, ?, ?, ?)",
-                [(m.id, m.kind, m.topic, m.payload, m.qos, m.created) for m in self._mem],
-            )
+            rows = [(m.id, m.kind, m.topic, m.payload, m.qos, m.created, m.stamp) for m in self._mem]
+            if self._stamp == "stamp":
+                self._db.executemany(f"INSERT INTO outbox ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            else:  # an old file that could not take the column (read-only): this says why it fails
+                self._db.executemany(f"INSERT INTO outbox ({COLUMNS[:-7]}) VALUES (?, ?, ?, ?, ?, ?)",
+                                     [r[:-1] for r in rows])
             self._db.execute("COMMIT")
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
             self._rollback()
-            self._retry_at = time.monotonic() + 5
+            self._write_failed(str(exc))
             return
-        log.info("spool: writing to %s again (%d held messages saved)", self.path, len(self._mem))
+        saved = len(self._mem)
         self._mem.clear()
         self.state, self.reason = "file", ""
+        if self._writes.on and not quiet:
+            self._writes.ended(time.monotonic(), f"{saved} still waiting were written to it")
+        self._writes.since = None
 
-    def _retry_deletes(self) -> bool:
-        """Delete the acknowledged rows a full disk kept; frees pages for the held messages."""
+    def _retry_deletes(self) -> str | None:
+        """Delete the acknowledged rows a full disk kept (frees pages for the held messages); why not."""
         assert self._db is not None
         with contextlib.suppress(sqlite3.Error):
             # Folding the WAL back into the file and truncating it is what frees room on a full disk.
@@ -262,28 +437,38 @@ class Spool:
         ids = tuple(self._tombstones)
         try:
             self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
-        except sqlite3.Error:
-            return False
+        except sqlite3.Error as exc:
+            return str(exc)
         self._tombstones.clear()
-        return True
+        return None
 
     def _rollback(self) -> None:
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
 
+    def _select(self, sql: str, args: tuple[object, ...]) -> list[Message]:
+        """Rows of the file as messages; a read that fails is logged (not every time) and reads as none."""
+        if self._db is None:
+            return []
+        try:
+            rows = self._db.execute(
+                f"SELECT id, kind, topic, payload, qos, created, {self._stamp} FROM outbox {sql}", args
+            ).fetchall()
+        except sqlite3.Error as exc:
+            now = time.monotonic()
+            self._reads.failed(str(exc), now, "messages in it wait until it can be read")
+            self._reads.touched(now)
+            return []
+        if self._reads.on:
+            self._reads.ended(time.monotonic(), "nothing was lost")
+        stamp_now = self.now()
+        return [Message(i, k, t, bytes(p), q, c, stamp_now if s is None else s) for i, k, t, p, q, c, s in rows]
+
     def _oldest(self, kind: str) -> Message | None:
-        if self._db is not None:
-            try:
-                rows = self._db.execute(
-                    "SELECT id, kind, topic, payload, qos, created FROM outbox WHERE kind = ? ORDER BY id LIMIT ?",
-                    (kind, 1 + len(self._tombstones)),
-                ).fetchall()
-            except sqlite3.Error:
-                rows = []
-            for row in rows:
-                if row[0] not in self._tombstones:
-                    return Message(*row)
+        for m in self._select("WHERE kind = ? ORDER BY id LIMIT ?", (kind, 1 + len(self._tombstones))):
+            if m.id not in self._tombstones:
+                return m
         return next((m for m in self._mem if m.kind == kind), None)
 
     def _drop_oldest(self, kind: str) -> None:
@@ -298,7 +483,7 @@ class Spool:
         cutoff = now - self.quotas[kind].max_age
         while self._count[kind]:
             old = self._oldest(kind)
-            if old is None or old.created >= cutoff:
+            if old is None or old.stamp >= cutoff:
                 return
             self._delete_locked([old.id])
             self.dropped[kind] += 1
@@ -309,25 +494,13 @@ class Spool:
         with self._lock:
             # Appends expire only their own kind; a kind that stopped coming is expired here,
             # once a second at most (the sender reads after every result).
-            now = time.time()
-            if abs(now - self._expired_at) >= 1.0:
+            now = self.now()
+            if self._expired_at is None or abs(now - self._expired_at) >= 1.0:
                 self._expired_at = now
                 for kind in self.quotas:
                     self._expire(kind, now)
-            rows: list[Message] = []
-            if self._db is not None:
-                try:
-                    rows = [
-                        Message(*r)
-                        for r in self._db.execute(
-                            "SELECT id, kind, topic, payload, qos, created FROM outbox"
-                            " WHERE id > ? ORDER BY id LIMIT ?",
-                            (cursor, limit + len(self._tombstones)),
-                        )
-                    ]
-                    rows = [m for m in rows if m.id not in self._tombstones][:limit]
-                except sqlite3.Error as exc:
-                    log.error("spool: cannot read %s (%s)", self.path, exc)
+            rows = self._select("WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit + len(self._tombstones)))
+            rows = [m for m in rows if m.id not in self._tombstones][:limit]
             rows += [m for m in self._mem if m.id > cursor][: max(0, limit - len(rows))]
             return rows
 
@@ -341,15 +514,19 @@ class Spool:
         wanted = set(ids) - self._tombstones
         if self._db is not None and wanted:
             marks = ",".join("?" * len(wanted))
+            unread = False
             try:
                 sizes = self._db.execute(
                     f"SELECT id, kind, LENGTH(payload) FROM outbox WHERE id IN ({marks})", tuple(wanted)
                 ).fetchall()
             except sqlite3.Error as exc:
-                log.error("spool: cannot read %s (%s)", self.path, exc)
-                sizes = []
+                now = time.monotonic()
+                self._reads.failed(str(exc), now, "messages in it wait until it can be read")
+                self._reads.touched(now)
+                sizes, unread = [], True
             try:
-                self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", tuple(wanted))
+                if sizes or unread:  # else held in memory only: nothing to delete in the file
+                    self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", tuple(wanted))
             except sqlite3.Error as exc:
                 if not self._tombstones:
                     log.error("spool: cannot delete delivered messages from %s (%s); trying again later",
@@ -379,12 +556,16 @@ class Spool:
                 "bytes": sum(self._bytes.values()),
                 "in_memory": len(self._mem),
                 **{f"dropped_{k}s": v for k, v in self.dropped.items()},
+                "lost_corrupt": self.lost_corrupt,
             }
 
     def close(self) -> None:
         with self._lock:
             self._flush_memory()
             if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    # Where this boot's time line got to: the next boot carries on from here.
+                    self._db.execute("UPDATE clock SET last = ? WHERE one = 1", (self.now(),))
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._db.close()
@@ -394,3 +575,145 @@ class Spool:
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "file is encrypted" in text or "corrupt" in text
+
+
+# -- reading a damaged file ------------------------------------------------------------------
+
+Row = tuple[int, str, str, bytes, int, float]
+MAX_ROWID = 2**63 - 1
+
+
+def salvage(path: Path, kinds: Iterable[str]) -> tuple[list[Row], int, bool]:
+    """The outbox rows SQLite can still read from a damaged file, in id order; how many it could
+    not; and whether that count is exact.
+
+    Read in id order, row by row. A row whose id reads but whose data does not (a broken
+    overflow page) is one lost. A damaged b-tree page hides a stretch of ids: the next
+    readable id is found by seeking further (doubling the step, then halving back), and the
+    ids in between count as lost (exact when ids were consecutive, as a spool's mostly are).
+    Damage before the first or after the last readable row is counted only when SQLite can
+    still tell the lowest or highest id; otherwise the count is "at least".
+    """
+    kinds = set(kinds)
+    # Read-only, and changing nothing beside it: without a WAL of its own the file is opened as
+    # immutable, else SQLite would create one and an index file next to the evidence.
+    wal = Path(f"{path}-wal").exists()
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro{'' if wal else '&immutable=1'}", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return [], 0, False
+    rows: list[Row] = []
+    lost, exact = 0, True
+    try:
+        if not _readable(db, "SELECT 1 FROM outbox LIMIT 0"):
+            return [], 0, False
+        lo = _first_id(db, "SELECT MIN(id) FROM outbox")
+        hi = _first_id(db, "SELECT MAX(id) FROM outbox")
+        # Ids are >= 1; below the lowest id there is nothing to lose.
+        cursor = 0 if lo is None else lo - 1
+        for _ in range(1_000_000):  # bounded, however the file is damaged
+            got, broke = _read_from(db, cursor, kinds)
+            for row in got:
+                if row[0] > cursor:
+                    rows.append(row)
+                    cursor = row[0]
+            if not broke:
+                break
+            # Always seek with >= to the next id: a seek for "> cursor" starts at the cursor's own
+            # page, which may be the damaged one even when the next id's page is not.
+            nxt = _first_id(db, "SELECT id FROM outbox WHERE id >= ? ORDER BY id LIMIT 1", cursor + 1)
+            if nxt is not None and nxt > cursor:
+                # The id reads. Python's sqlite3 steps one row ahead, so the row that failed may be the
+                # one after it: read this one alone. If its data does not read, it is one lost.
+                one, _ = _read_from(db, nxt - 1, kinds, limit=1)
+                if one and one[0][0] == nxt:
+                    rows.append(one[0])
+                else:
+                    lost += 1
+                cursor = nxt
+                continue
+            after = _next_readable(db, cursor)
+            if after is None or after <= cursor:  # damaged up to the end
+                if hi is not None and hi > cursor:
+                    lost += hi - cursor
+                else:
+                    exact = False
+                break
+            if lo is None and not rows:
+                exact = False  # the lowest id is unknown: how many the first stretch held is too
+            else:
+                lost += after - cursor - 1
+            cursor = after - 1
+    finally:
+        db.close()
+    return rows, lost, exact
+
+
+def _readable(db: sqlite3.Connection, sql: str, *args: object) -> bool:
+    try:
+        db.execute(sql, args).fetchall()
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _first_id(db: sqlite3.Connection, sql: str, *args: object) -> int | None:
+    try:
+        row = db.execute(sql, args).fetchone()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) if row and isinstance(row[0], int) else None
+
+
+def _read_from(db: sqlite3.Connection, cursor: int, kinds: set[str], limit: int = -1) -> tuple[list[Row], bool]:
+    """Rows after `cursor` up to the first that does not read; and whether one did not."""
+    got: list[Row] = []
+    try:
+        for i, k, t, p, q, c in db.execute(
+            "SELECT id, kind, topic, payload, qos, created FROM outbox WHERE id >= ? ORDER BY id LIMIT ?",
+            (cursor + 1, limit),
+        ):
+            if not (isinstance(i, int) and i > cursor and k in kinds and isinstance(t, str)
+                    and isinstance(p, bytes) and q in (0, 1, 2) and isinstance(c, int | float)):
+                # Garbage SQLite did not notice: treat it as the data of that row not reading.
+                return got, True
+            got.append((i, k, t, p, q, float(c)))
+            cursor = i
+    except sqlite3.Error:
+        return got, True
+    return got, False
+
+
+def _next_readable(db: sqlite3.Connection, cursor: int) -> int | None:
+    """The first id after a damaged stretch that starts right after `cursor`; None if it runs to the end.
+
+    A seek to an id inside the stretch fails; one past it lands on the next good page, so
+    success is monotone in the id sought, and the boundary can be searched for.
+    """
+
+    def seek(at: int) -> int | bool | None:  # the id found, None (no more rows), False (fails)
+        try:
+            row = db.execute("SELECT id FROM outbox WHERE id >= ? ORDER BY id LIMIT 1", (at,)).fetchone()
+        except sqlite3.Error:
+            return False
+        return int(row[0]) if row else None
+
+    bad, step = cursor + 1, 1
+    while True:  # double the step until a seek works
+        probe = min(cursor + 1 + step, MAX_ROWID)
+        found = seek(probe)
+        if found is not False:
+            break
+        bad = probe
+        if probe == MAX_ROWID:
+            return None
+        step *= 2
+    good = probe
+    while good - bad > 1:  # halve back to the first seek that works
+        mid = (bad + good) // 2
+        f = seek(mid)
+        if f is False:
+            bad = mid
+        else:
+            good, found = mid, f
+    return None if found is None or found is False else int(found)
