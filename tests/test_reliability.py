@@ -11,14 +11,19 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import smallfs
 from broker import Broker, Recorder
 from conftest import IMAGES, cpu_seconds, wait_until
+from spoolfiles import damage, leaves_of
+
+from edgecam.contract import check_result
+from edgecam.device.clock import clock_synced
+from edgecam.device.spool import Quota, Spool
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -171,24 +176,46 @@ def test_corrupt_spool_is_moved_aside_and_live_results_flow(broker: Broker, tmp_
     aside = [p for p in state.iterdir() if p.name.startswith("spool-dev-c.db.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == garbage
     lines = [line for line in d.log().splitlines() if "corrupt" in line]
-    assert len(lines) == 1 and "moved aside" in lines[0]
+    assert len(lines) == 2 and "moved aside" in lines[0] and "nothing could be read back" in lines[1], d.log()
 
 
+def test_a_corrupt_spool_s_readable_results_go_first_and_the_lost_are_counted(
+    broker: Broker, tmp_path: Path, daemons
+) -> None:
+    # A spool left by an earlier run: 300 results, then two of its pages damaged as a failing card does.
+    state = tmp_path / "state"
+    path = state / "spool-dev-k.db"
+    path.parent.mkdir()
+    old = Spool(path, {"result": Quota(10**9, 10**9), "overlay": Quota(10**9, 10**9)})
+    ids = [old.append("result", "edgecam/dev-k/result",
+                      json.dumps({"boot": "before", "seq": i, "pad": "x" * 850}).encode(), 1) for i in range(1, 301)]
+    old.close()
+    leaves = leaves_of(path, [i for i in ids if i is not None])
+    order = list(leaves)
+    hit = [order[10], order[40]]
+    lost = sorted(ids.index(i) + 1 for n in hit for i in leaves[n])  # their seqs
+    damage(path, hit)
+
+    rec = Recorder(broker.port, ["edgecam/dev-k/result", "edgecam/dev-k/stats"])
+    d = daemons("--source", IMAGES, "--once", "--broker", broker.address, "--device-id", "dev-k",
+                env={"EDGECAM_SPOOL_DIR": str(state)})
+    assert d.wait(60) == 0, d.log()
+    assert rec.wait_for(lambda m: len([1 for t, _, _ in m if t.endswith("/result")]) >= 300 - len(lost) + 8, 30)
+    rec.close()
+    order_seen = first_seen(rec.results())
+    # What could be read, in its order, then this run's eight.
+    assert order_seen[: 300 - len(lost)] == [("before", s) for s in range(1, 301) if s not in lost]
+    assert [s for _, s in order_seen[300 - len(lost):]] == list(range(1, 9))
+    assert json.loads(rec.on("stats")[-1])["spool"]["lost_corrupt"] == len(lost)
+    log = d.log()
+    assert f"{300 - len(lost)} messages read back" in log and f"{len(lost)} could not be read" in log, log
+    assert "Traceback" not in log
+
+
+@pytest.mark.mounts
 def test_full_disk_at_start_keeps_classifying_and_publishing(broker: Broker, tmp_path: Path, daemons) -> None:
-    state = tmp_path / "full"
-    state.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs as a full disk")
-    try:
-        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass  # the disk is full: that is the point
-        finally:
-            os.close(fd)
+    with smallfs.tmpfs(tmp_path / "full", 64 * 1024) as state:
+        smallfs.fill_the_disk(state / "filler")
         rec = Recorder(broker.port, "edgecam/dev-f/result")
         d = daemons("--source", IMAGES, "--once", "--broker", broker.address, "--device-id", "dev-f",
                     env={"EDGECAM_SPOOL_DIR": str(state)})
@@ -199,8 +226,65 @@ def test_full_disk_at_start_keeps_classifying_and_publishing(broker: Broker, tmp
         assert len(spool_lines) == 1, d.log()
         assert "in memory" in spool_lines[0]
         assert [s for _, s in first_seen(rec.results())] == list(range(1, 9))
-    finally:
-        subprocess.run(["umount", str(state)], check=False)
+
+
+@pytest.mark.mounts
+@pytest.mark.parametrize("trouble", ["full", "read_only"])
+def test_a_failing_spool_disk_is_said_once_not_per_frame(
+    broker: Broker, tmp_path: Path, daemons, trouble: str
+) -> None:
+    with smallfs.tmpfs(tmp_path / "state", 1024 * 1024) as state:
+        path = state / "spool-dev-r.db"
+        waiting = Spool(path, {"result": Quota(10**9, 10**9), "overlay": Quota(10**9, 10**9)})
+        for i in range(1, 4):  # three results from before, waiting to be sent
+            waiting.append("result", "edgecam/dev-r/result", json.dumps({"boot": "before", "seq": i}).encode(), 1)
+        waiting.close()
+        rec = Recorder(broker.port, "edgecam/dev-r/result")
+        args = ("--source", IMAGES, "--source-fps", "20", "--broker", broker.address, "--device-id", "dev-r")
+        env = {"EDGECAM_SPOOL_DIR": str(state)}
+        if trouble == "read_only":
+            with smallfs.read_only_file(path):
+                d = daemons(*args, env=env)
+                assert rec.wait_for(lambda m: len(m) >= 3 + 60, 90), d.log()
+                d.proc.send_signal(signal.SIGTERM)
+                assert d.wait(30) == 0, d.log()
+        else:
+            d = daemons(*args, env=env)
+            assert rec.wait_for(lambda m: len(m) >= 3 + 3, 60), d.log()
+            smallfs.fill_the_disk(state / "filler")
+            n = len(rec.messages)
+            # Live throughout: 60 results made and delivered on the full disk.
+            assert rec.wait_for(lambda m: len(m) >= n + 60, 90), d.log()
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.wait(30) == 0, d.log()
+        rec.close()
+    seen = first_seen(rec.results())
+    assert seen[:3] == [("before", 1), ("before", 2), ("before", 3)]
+    seqs = [s for b, s in seen[3:]]
+    assert seqs == list(range(1, len(seqs) + 1))  # nothing lost or out of order meanwhile
+    lines = [line for line in d.log().splitlines() if line.startswith("ERROR spool:")]
+    assert len(lines) == 1, d.log()  # was one per frame
+    assert "cannot write to" in lines[0] and "holding messages in memory" in lines[0]
+
+
+def test_results_say_when_the_wall_clock_was_not_set(broker: Broker, daemons) -> None:
+    # Whatever this machine's clock state, the results must agree with what the kernel reports
+    # (adjtimex's STA_UNSYNC): a Pi before NTP says "unsynced"; a synchronised clock adds nothing.
+    rec = Recorder(broker.port, "edgecam/dev-u/result")
+    before = clock_synced()
+    d = daemons("--source", IMAGES, "--once", "--max-frames", "3", "--broker", broker.address, "--device-id", "dev-u")
+    assert d.wait(60) == 0, d.log()
+    assert rec.wait_for(lambda m: len(m) >= 3, 20), d.log()
+    rec.close()
+    after = clock_synced()
+    if before != after:
+        pytest.skip(f"the kernel's clock state changed during the test ({before} -> {after})")
+    for r in rec.results():
+        check_result(r)
+        if before is False:
+            assert r["clock"] == "unsynced"
+        else:
+            assert "clock" not in r
 
 
 def test_missing_camera_runs_degraded_without_spinning(broker: Broker, daemons) -> None:

@@ -528,11 +528,10 @@ class Spool:
                 if sizes or unread:  # else held in memory only: nothing to delete in the file
                     self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", tuple(wanted))
             except sqlite3.Error as exc:
-                if not self._tombstones:
-                    log.error("spool: cannot delete delivered messages from %s (%s); trying again later",
-                              self.path, exc)
                 self._tombstones.update(i for i, _, _ in sizes)
-                self._retry_at = max(self._retry_at, time.monotonic() + 5)
+                # The same trouble as a write that fails (it is one): said once, and new messages wait
+                # in memory behind the deletes, which are tried again first.
+                self._write_failed(f"cannot delete delivered messages: {exc}")
             for _, kind, size in sizes:
                 self._forget(kind, size)
         if self._mem:
