@@ -5,7 +5,9 @@
 For each image and method the variants run one after the other (interleaved, so load from other
 processes hits each alike): `1 worker` is the classifier's own interpreter (its --threads), `N workers`
 is N interpreters of one thread each in N threads. Prints the bare invoke() median, then per method
-the inferences per map and the median ms per map of each variant and their ratio.
+the inferences per map, the median ms per map of each variant, their ratio, and the N workers'
+CPU time over wall time (near N when the interpreters really run side by side; on a machine busy with
+other work the wall-time ratio cannot show it, the CPU ratio still does).
 """
 
 from __future__ import annotations
@@ -56,22 +58,28 @@ def main() -> int:
     print(f"{clf.name}: bare invoke() median {bare:.2f} ms ({args.threads} threads); {len(inputs)} images, "
           f"{args.rounds} round(s); {args.workers} workers of 1 thread each")
     print(f"{'method':10s} {'inferences':>10s} {'1 worker ms':>12s} {f'{args.workers} workers ms':>14s} {'ratio':>6s}"
-          f" {'ms/inference':>13s}")
+          f" {'ms/inference':>13s} {'cpu/wall':>9s}")
     for name in methods:
         method = make(name)
         times: dict[str, list[float]] = {"one": [], "many": []}
+        cpu = wall = 0.0
         runs = 0
         for _ in range(args.rounds):
             for x in inputs:
                 inf = clf.infer(x)
                 cls = [int(inf.scores.argmax())]
                 for key, scorer in (("one", one), ("many", many)):
+                    c0 = time.process_time()
                     made = method.maps(clf, x, inf, cls, scorer)
+                    if key == "many":
+                        cpu += time.process_time() - c0
+                        wall += made.seconds
                     times[key].append(made.seconds * 1e3)
                     runs = made.inferences
         a, b = statistics.median(times["one"]), statistics.median(times["many"])
         per = b / max(1, runs - 1)
-        print(f"{name:10s} {runs:10d} {a:12.1f} {b:14.1f} {a / b if b else float('nan'):6.2f} {per:13.2f}")
+        print(f"{name:10s} {runs:10d} {a:12.1f} {b:14.1f} {a / b if b else float('nan'):6.2f} {per:13.2f} "
+              f"{cpu / wall if wall else float('nan'):9.2f}")
     many.close()
     return 0
 

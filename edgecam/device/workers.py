@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from edgecam.core.errors import EdgecamError
 from edgecam.core.methods import Scorer
+from edgecam.core.methods.base import CHUNK, masked
 from edgecam.core.model import Classifier
 from edgecam.core.runtime import make_interpreter
 
@@ -54,14 +56,31 @@ class ThreadScorer(Scorer):
     def _run(self, it: Any, batch: np.ndarray) -> np.ndarray:
         return np.stack([self.clf.infer(batch[k : k + 1], it).scores for k in range(len(batch))])
 
+    def _spread(self, n: int, work: Callable[[Any, slice], np.ndarray]) -> np.ndarray:
+        # Contiguous runs, one per interpreter: a call never hands one interpreter to two threads,
+        # and the results come back in order.
+        runs = [r for r in np.array_split(np.arange(n), self.workers) if len(r)]
+        parts = self._pool.map(  # type: ignore[union-attr]
+            lambda k: work(self._interpreters[k], slice(int(runs[k][0]), int(runs[k][-1]) + 1)), range(len(runs)))
+        return np.concatenate(list(parts))
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self._pool is None or len(batch) < 2:
             return super().__call__(batch)
-        # Contiguous runs, one per interpreter: a call never hands one interpreter to two threads.
-        runs = [r for r in np.array_split(np.arange(len(batch)), self.workers) if len(r)]
-        parts = self._pool.map(lambda k: self._run(self._interpreters[k], batch[runs[k][0] : runs[k][-1] + 1]),
-                               range(len(runs)))
-        return np.concatenate(list(parts))
+        return self._spread(len(batch), lambda it, part: self._run(it, batch[part]))
+
+    def masked(self, x: np.ndarray, masks: np.ndarray, fill: float) -> np.ndarray:
+        """As Scorer.masked, each worker making its own masked inputs too (NumPy lets go of the GIL
+        on arrays this size), so the masking is spread over the cores with the inferences."""
+        if self._pool is None or len(masks) < 2:
+            return super().masked(x, masks, fill)
+
+        def work(it: Any, part: slice) -> np.ndarray:
+            mine = masks[part]
+            return np.concatenate([self._run(it, masked(x, mine[i : i + CHUNK], fill))
+                                   for i in range(0, len(mine), CHUNK)])
+
+        return self._spread(len(masks), work)
 
     def close(self) -> None:
         if self._pool is not None:
