@@ -240,3 +240,12 @@ def test_layers_class_draws_a_class_map_beside_each_stage(model_cache: Path, tmp
     # Two columns (activation | class map), a row for the input and one per stage.
     assert picture.shape[1] == 2 * 320
     assert picture.shape[0] == (len(obj["stages"]) + 1) * (round(320 * 341 / 512) + 0)
+
+
+@pytest.mark.model
+def test_stages_skip_padded_copies() -> None:
+    # The PyTorch-converted MobileNetV2 pads before each stride-2 convolution (226x226x3, 114x114x96, ...):
+    # those copies are not stages, so it gets the same five sizes as the Keras MobileNetV2.
+    clf = Classifier(MODELS / "more" / "pytorch_mobilenet_v2_quantized_1x3x224x224.tflite")
+    assert [s.shape[1] for s in stages(clf)] == [112, 56, 28, 14, 7]
+    assert [s.shape[1] for s in stages(Classifier(DEFAULT_MODEL))] == [112, 56, 28, 14, 7]

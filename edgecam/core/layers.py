@@ -19,6 +19,8 @@ from edgecam.core.render import heat_u8, jet_u8
 from edgecam.core.runtime import make_interpreter
 from edgecam.core.tflite_graph import with_outputs
 
+PADDING = {"PAD", "PADV2", "MIRROR_PAD"}
+
 
 @dataclass
 class Stage:
@@ -33,6 +35,8 @@ def stages(clf: Classifier) -> list[Stage]:
     last: dict[tuple[int, int], int] = {}
     order: list[tuple[int, int]] = []
     for op in clf.graph.operators:
+        if op.op in PADDING:
+            continue  # a padded copy (226x226 before a stride-2 convolution) is not a stage of its own
         for out in op.outputs:
             shape = t[out].shape
             if len(shape) != 4 or shape[0] != 1 or min(shape[1], shape[2]) < 2 or out in clf.graph.inputs:
