@@ -155,6 +155,7 @@ class Daemon:
         self.commands = {"accepted": 0, "rejected": 0, "dropped": 0}
         self._dropped_logged = 0.0
         self.reply: Callable[[bytes], None] = lambda _payload: None
+        self.overlays_changed: Callable[[bool], None] = lambda _on: None  # Home Assistant's image entity
         self.reload_check: Callable[[], None] | None = None
         self.notifier = Notifier()
         self.finisher: Stage[Inferred] = Stage("finisher", self.finish)
@@ -243,11 +244,14 @@ class Daemon:
             self.policy = PublishPolicy(lp.publish, lp.change_delta, lp.heartbeat)
         if "overlay_every" in changes:
             self.overlays = EveryN(lp.overlay_every)
+            self.overlays_changed(lp.overlay_every > 0)
         log.info("commands: set %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, max_frames: int = 0) -> int:
         """The loop; returns how many messages stay undelivered in the spool."""
+        # A source that failed to open is degraded from the first status the broker gets, not after a read timeout.
+        self.update_status()
         self.sink.start()
         self.capture.start()
         log.info(

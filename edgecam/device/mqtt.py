@@ -100,6 +100,8 @@ class MqttSink:
         self.connected_at_close = False
         self._status = "online"
         self._last_stats: bytes | None = None
+        self._last_result: bytes | None = None  # given again to Home Assistant when it restarts
+        self._last_overlay: bytes | None = None
         self._counts = {"published": 0, "acked": 0, "overlays": 0, "connects": 0}
         self._refused = 0
 
@@ -143,12 +145,33 @@ class MqttSink:
         if self.on_command is not None and msg.topic == self.topics[CMD]:
             self.on_command(bytes(msg.payload))
         elif self.discovery and msg.topic == self.ha_status_topic and bytes(msg.payload).strip() == b"online":
-            log.info("homeassistant: it came online; publishing discovery again")
+            log.info("homeassistant: it came online; publishing discovery and the latest result again")
             self._announce(client)
+            self._give_state(client)
 
     def _announce(self, client: paho.Client) -> None:
         for t, payload in self.discovery:
             client.publish(t, payload, qos=1, retain=True)
+
+    def _give_state(self, client: paho.Client) -> None:
+        # Results are not retained, so a restarted Home Assistant shows `unknown` until the next one
+        # (with publish = "change", up to the heartbeat). Consumers drop the duplicate by boot and seq.
+        # While results wait in the spool, the newest of them is still to come: sending it now would
+        # let older ones overwrite it.
+        last = self._last_result
+        if last is None or self.spool.counts()["waiting"]:
+            return
+        client.publish(self.topics[RESULT], last, qos=self.cfg.qos)
+        if self._last_overlay is not None:
+            client.publish(self.topics[OVERLAY], self._last_overlay, qos=0)
+
+    def set_discovery(self, discovery: list[tuple[str, bytes]]) -> None:
+        """New discovery messages (overlays turned on or off), published now when connected."""
+        if discovery == self.discovery:
+            return
+        self.discovery = discovery
+        if self.connected:
+            self._announce(self.client)
 
     # -- the sender thread ---------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -227,10 +250,12 @@ class MqttSink:
         return {**self._counts, "inflight": len(self._inflight), **self.spool.counts()}
 
     def result(self, payload: bytes) -> None:
+        self._last_result = payload
         self.spool.append("result", self.topics[RESULT], payload, self.cfg.qos)
         self._wake()
 
     def overlay(self, jpeg: bytes) -> None:
+        self._last_overlay = jpeg
         if self.spool_overlays:
             self.spool.append("overlay", self.topics[OVERLAY], jpeg, 1)
             self._wake()

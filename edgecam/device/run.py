@@ -144,7 +144,11 @@ def run_daemon(args: argparse.Namespace) -> int:
     if cfg.mqtt.enabled:
         on_command = (lambda payload: daemon.on_command(payload)) if commands_enabled(cfg) else None
         ha = cfg.homeassistant
-        announce = discovery.configs(cfg.mqtt.prefix, cfg.device, clf.name, ha.prefix) if ha.discovery else None
+
+        def ha_configs(overlays: bool) -> list[tuple[str, bytes]]:
+            return discovery.configs(cfg.mqtt.prefix, cfg.device, clf.name, ha.prefix, overlays)
+
+        announce = ha_configs(cfg.loop.overlay_every > 0) if ha.discovery else None
         sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg), config.password(cfg.mqtt), cfg.spool.overlays,
                         on_command, announce, f"{ha.prefix}/status")
     else:
@@ -155,6 +159,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime))
     if isinstance(sink, MqttSink):
         daemon.reply = sink.reply
+        if sink.discovery:
+            daemon.overlays_changed = lambda on, s=sink: s.set_discovery(ha_configs(on))
         if commands_enabled(cfg):
             log.info("commands: on, %s", sink.topics["cmd"])
     daemon.reload_check = lambda: effective_config(args)
