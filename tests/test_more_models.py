@@ -33,6 +33,7 @@ CIFAR = MORE / "cifar10_labels.txt"
 
 RAW_PIXELS = normalization(0, 1, "flag")  # what the float ResNet was trained on
 IMAGENET = normalization("123.675,116.28,103.53", "58.395,57.12,57.375", "flag")  # torchvision's, in pixels
+IMAGENET_FLAGS = ["--input-mean", "123.675,116.28,103.53", "--input-std", "58.395,57.12,57.375"]
 
 # (model, labels, normalisation stated or None) for every model that must load.
 SETUPS = {
@@ -218,8 +219,7 @@ def test_cli_normalisation_flags_inspect_and_explain_json(model_cache: Path) -> 
     assert obj["input"]["normalization"] == {"mean": [0.0], "std": [1.0], "source": "flag"}
     # 512x341 to a 32x32 input: a small input takes plain INTER_AREA.
     assert obj["input"]["resize"] == "exact (auto)" and obj["input"]["layout"] == "NHWC"
-    ins = run_cli("inspect", "--json", NCHW, "--input-mean", "123.675,116.28,103.53",
-                  "--input-std", "58.395,57.12,57.375")
+    ins = run_cli("inspect", "--json", NCHW, *IMAGENET_FLAGS)
     assert ins.returncode == 0, ins.stderr
     info = json.loads(ins.stdout)["input"]
     assert (info["layout"], info["normalization"]["source"]) == ("NCHW", "flag")
@@ -281,3 +281,20 @@ def test_daemon_config_keys_state_the_normalisation(daemons, tmp_path: Path) -> 
     labels = [json.loads(line)["top"][0]["label"] for line in out.decode().splitlines()]
     assert labels == ["cat", "truck"]
     assert "no normalisation stated" not in d.log()
+
+
+def test_prepare_and_layers_on_the_other_layouts(tmp_path: Path) -> None:
+    # `models prepare` writes the repaired model: the interpreter loads what edgecam runs.
+    out = tmp_path / "person.tflite"
+    proc = run_cli("models", "prepare", GREY, out)
+    assert proc.returncode == 0 and "repaired" in proc.stdout, proc.stderr
+    from edgecam.core.runtime import get_runtime
+
+    it = get_runtime().interpreter_cls(model_path=str(out))
+    it.allocate_tensors()
+    assert len(it.get_output_details()) == 3
+    # `layers` on the PyTorch export: its stages get smaller, no explicit-padding step in between.
+    proc = run_cli("layers", "--json", "--model", NCHW, *IMAGENET_FLAGS, IMAGES / "cat.bmp", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    sizes = [s["shape"][1] for s in json.loads(proc.stdout)["stages"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 7, sizes

@@ -330,12 +330,13 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{name}: {verb}, {local.path}")
         return 0
     if args.models_command == "prepare":
-        from edgecam.core.model import analyse, read_model
-        from edgecam.core.tflite_graph import with_outputs
+        from edgecam.core.model import analyse, prepare, read_model
 
         data = read_model(args.input)
         _, head = analyse(args.input, data)
-        out = with_outputs(data, [head.feature, head.logits])
+        out, repairs = prepare(data, head)
+        for note in repairs:
+            print(f"{args.output}: repaired: {note}")
         tmp = args.output.with_name(args.output.name + ".tmp")
         try:
             tmp.write_bytes(out)

@@ -96,6 +96,14 @@ def analyse(path: Path, data: bytes, names: HeadNames | None = None) -> tuple[Gr
     return graph, head
 
 
+def prepare(data: bytes, head: Head) -> tuple[bytes, list[str]]:
+    """The model as edgecam runs it: repaired where an old converter wrote what the interpreter
+    refuses, with the feature map and the logits added to its outputs; and what was repaired."""
+    repaired, fixed = repair_quantized_dimensions(data)
+    notes = [f"{len(fixed)} tensors' quantized_dimension was past their rank (an old converter's); set to 0"]
+    return with_outputs(repaired, [head.feature, head.logits]), notes if fixed else []
+
+
 class Classifier:
     """Loads, validates and runs one model. Not thread-safe: one per inference thread."""
 
@@ -119,12 +127,7 @@ class Classifier:
         self.warnings: list[str] = []
         self.input_note = ""
         self.runtime: Runtime = get_runtime()
-        repaired, fixed = repair_quantized_dimensions(data)
-        self.repairs = (
-            [f"{len(fixed)} tensors' quantized_dimension was past their rank (an old converter's); set to 0"]
-            if fixed else []
-        )
-        prepared = with_outputs(repaired, [self.head.feature, self.head.logits])
+        prepared, self.repairs = prepare(data, self.head)
         self.prepared = prepared  # kept for resized_interpreter()
         self.num_threads = num_threads
         try:
