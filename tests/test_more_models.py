@@ -298,3 +298,43 @@ def test_prepare_and_layers_on_the_other_layouts(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     sizes = [s["shape"][1] for s in json.loads(proc.stdout)["stages"]]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 7, sizes
+
+
+def test_damaged_metadata_is_ignored_not_fatal() -> None:
+    """Metadata is a convenience: bytes flipped in its flatbuffer or in the zipped labels never raise."""
+    import random
+
+    from edgecam.core.metadata import read_metadata
+
+    data = WITH_METADATA.read_bytes()
+    meta, archive, central = data.find(b"M001") - 4, data.find(b"PK\x03\x04"), data.rfind(b"PK\x01\x02")
+    assert read_metadata(data).labels_name == "labels.txt"
+    # An unknown compression method (zipfile: NotImplementedError), a cut archive (EOFError).
+    unknown = bytearray(data)
+    unknown[central + 10 : central + 12] = b"\x63\x00"
+    cut = data[: archive + 40] + data[central:]
+    for damaged in (bytes(unknown), cut):
+        assert read_metadata(damaged).labels is None
+    rnd = random.Random(0)
+    for trial in range(200):
+        start, end = (meta, meta + 2000) if trial % 2 else (archive, len(data))
+        flipped = bytearray(data)
+        for _ in range(rnd.randint(1, 8)):
+            flipped[rnd.randrange(start, end)] = rnd.randrange(256)
+        read_metadata(bytes(flipped))
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"EDGECAM_MODEL_INPUT_MEAN": "0"}, "go together"),
+        ({"EDGECAM_MODEL_INPUT_MEAN": "abc", "EDGECAM_MODEL_INPUT_STD": "1"}, "not a number"),
+        ({"EDGECAM_MODEL_INPUT_MEAN": "0", "EDGECAM_MODEL_INPUT_STD": "-1"}, "above zero"),
+    ],
+)
+def test_config_check_refuses_a_bad_normalisation(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+    empty = tmp_path / "edgecam.toml"
+    empty.write_text("")
+    proc = run_cli("config", "check", env={**env, "EDGECAM_CONFIG": str(empty)})
+    assert proc.returncode == 2
+    one_error_line(proc, "model.input_mean/input_std", needle)

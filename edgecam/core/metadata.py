@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from edgecam.core.errors import EdgecamError
@@ -40,7 +41,9 @@ def read_metadata(data: bytes) -> ModelMetadata:
     """
     try:
         return _read(data)
-    except (GraphFormatError, ValueError, IndexError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (GraphFormatError, ValueError, IndexError, zipfile.BadZipFile, UnicodeDecodeError, EOFError,
+            NotImplementedError, zlib.error, OSError) as exc:
+        # zipfile raises EOFError, NotImplementedError (an unknown compression) and zlib.error on damage.
         log.warning("model metadata unreadable, ignored: %s", exc)
         return ModelMetadata()
 

@@ -20,6 +20,7 @@ from typing import Any
 from edgecam.broker import BrokerOptions, read_password
 from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
+from edgecam.core.preprocess import Normalization, normalization
 
 DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
 ENV_PREFIX = "EDGECAM_"
@@ -280,8 +281,16 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> tuple[C
     return cfg, origin
 
 
+def stated_normalization(model: ModelConfig) -> Normalization | None:
+    """model.input_mean / input_std as a normalisation, or None when neither is set."""
+    if not model.input_mean and not model.input_std:
+        return None
+    return normalization(model.input_mean or None, model.input_std or None, "config", "model.input_mean/input_std")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys, once every layer is applied."""
+    stated_normalization(cfg.model)
     m = cfg.mqtt
     if m.reconnect_min > m.reconnect_max:
         raise EdgecamError(f"mqtt.reconnect_min {m.reconnect_min} is above mqtt.reconnect_max {m.reconnect_max}")

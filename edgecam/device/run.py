@@ -124,7 +124,6 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 def run_daemon(args: argparse.Namespace) -> int:
     from edgecam.core.manifest import resolve
     from edgecam.core.model import Classifier
-    from edgecam.core.preprocess import normalization
     from edgecam.device.daemon import Daemon
     from edgecam.device.mqtt import MqttSink, StdoutSink
 
@@ -133,9 +132,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     cfg, origin = effective_config(args)
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
-    m = cfg.model
-    stated = normalization(m.input_mean or None, m.input_std or None, "config", "model.input_mean/input_std") \
-        if m.input_mean or m.input_std else local.normalization
+    stated = config.stated_normalization(cfg.model) or local.normalization
     clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name, normalization=stated)
     for warning in clf.warnings:
         log.warning("model: %s", warning)
