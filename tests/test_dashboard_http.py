@@ -193,6 +193,7 @@ class Events:
         raise AssertionError(f"no such event within {timeout:g} s; saw {seen}")
 
     def close(self) -> None:
+        self.resp.close()  # it holds the socket open too
         self.conn.close()
 
 

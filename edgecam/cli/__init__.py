@@ -202,7 +202,12 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     add_broker_flags(db, "broker user name; with one, the page can send commands")
     db.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                     help="where the page is served (default 127.0.0.1:8080, this machine only)")
-    db.add_argument("--token", help="require ?token=... on every request (or $EDGECAM_DASHBOARD_TOKEN)")
+    db.add_argument("--token", help="require ?token=... on every request (visible in ps: prefer --token-file "
+                    "or $EDGECAM_DASHBOARD_TOKEN)")
+    db.add_argument("--token-file", metavar="FILE", help="file holding the token (one line)")
+    db.add_argument("--allow-host", action="append", metavar="NAME",
+                    help="a host name the page may be opened by, besides loopback names and addresses "
+                    "(e.g. the name behind a reverse proxy); repeatable")
     db.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
     db.add_argument("--stale-after", type=float, default=30.0, metavar="S",
                     help="a device with no result for this long is shown stale (default 30)")

@@ -5,6 +5,11 @@ state built from it, and a small HTTP server from the standard library: the page
 (everything it needs is served from here, no CDN), Server-Sent Events for live updates
 (a browser that connects or reconnects gets the whole state first), the latest overlay
 per device, and, when the dashboard is authenticated to the broker, a command proxy.
+
+Every request is checked (edgecam.web.guard) before anything is read past its headers: the
+Host it names, for commands the page that sent it, the token, and the body's declared length.
+Connections, event streams and the time a request may take are all bounded, so neither many
+idle sockets nor a slow sender can tie the server up.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import os
 import queue
 import secrets
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -29,7 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
 
-from edgecam.broker import BrokerClient, options_from_flags
+from edgecam.broker import BrokerClient, options_from_flags, read_password
 from edgecam.contract import (
     ANY_DEVICE,
     CMD,
@@ -44,13 +52,60 @@ from edgecam.contract import (
 )
 from edgecam.core.errors import EdgecamError
 from edgecam.web.fleet import Fleet
+from edgecam.web.guard import (
+    Refusal,
+    allowed_names,
+    body_length,
+    check_host,
+    check_json,
+    check_origin,
+    host_name,
+    redact,
+)
 
 log = logging.getLogger("edgecam")
 
 KEEPALIVE_S = 15.0
+STREAM_CHECK_S = 1.0  # how soon a stream notices its browser has gone
 CLIENT_QUEUE = 256
 COMMAND_TIMEOUT_S = 10.0  # a device applies commands between frames, maybe over a slow cellular link
 MAX_BODY = 4096
+# A request (headers and body) must arrive within this, counted from when the server starts
+# waiting for it; an idle kept-alive connection is closed after it too.
+REQUEST_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 10.0  # a browser that takes no data for this long is gone
+MAX_STREAMS = 32  # open pages; each holds one event stream and a thread
+MAX_CONNECTIONS = 64  # in all, streams included; each is a thread
+
+
+class Cap:
+    """How many of something are in use, up to a limit. Refusals are logged once when they begin
+    and once, with their count, when there is room again: a flood of them is two lines."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what = what
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.used < self.limit:
+                self.used += 1
+                return True
+            self.refused += 1
+            first = self.refused == 1
+        if first:
+            log.warning("dashboard: %d %s open, the most it serves; refusing more", self.limit, self.what)
+        return False
+
+    def give(self) -> None:
+        with self.lock:
+            self.used -= 1
+            refused, self.refused = self.refused, 0
+        if refused:
+            log.warning("dashboard: refused %d %s while at the limit of %d", refused, self.what, self.limit)
 
 
 class Hub:
@@ -65,6 +120,7 @@ class Hub:
         self.replies: dict[str, dict[str, Any] | None] = {}  # only ids this dashboard is waiting for
         self.reply_cond = threading.Condition(self.lock)
         self.connected = False
+        self.streams = Cap("event streams", MAX_STREAMS)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -136,16 +192,63 @@ def page() -> bytes:
     return resources.files("edgecam.web").joinpath("static/dashboard.html").read_bytes()
 
 
+class DeadlineReader(io.RawIOBase):
+    """A socket read with a deadline for the whole request, not only for each read: a sender
+    that trickles a byte at a time still has to finish within the request timeout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request did not arrive within {REQUEST_TIMEOUT_S:g} s")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
 class Handler(BaseHTTPRequestHandler):
     hub: Hub
     token: str | None
+    names: frozenset[str]  # Host names this dashboard answers to
+    allowed: frozenset[str]  # the names of those the operator gave (--allow-host)
     client: paho.Client
     prefix: str
     protocol_version = "HTTP/1.1"
     server_version = "edgecam-dashboard"
+    timeout = REQUEST_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        super().handle_one_request()
+
+    def end_headers(self) -> None:
+        # Reading is over; the answer gets its own time (the read deadline may be nearly spent).
+        self.connection.settimeout(WRITE_TIMEOUT_S)
+        super().end_headers()
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http: %s %s", self.address_string(), fmt % args)
+        log.debug("http: %s %s", self.address_string(), redact(fmt % args, self.token))
+
+    def _refuse(self, refusal: Refusal, as_json: bool = False) -> None:
+        """One line saying why. A body the client may have sent stays unread: the connection
+        is closed so that it is not parsed as the next request."""
+        self.close_connection = True
+        extra = {"Connection": "close"}
+        if as_json:
+            self._send(refusal.status, json.dumps({"ok": False, "error": refusal.reason}).encode(),
+                       "application/json", extra)
+        else:
+            self._send(refusal.status, refusal.reason.encode() + b"\n", "text/plain; charset=utf-8", extra)
 
     def _authorized(self) -> bool:
         if not self.token:
@@ -172,6 +275,13 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def do_GET(self) -> None:
+        try:
+            check_host(self.headers.get("Host"), self.names)
+        except Refusal as refusal:
+            self._refuse(refusal)
+            return
+        if self.headers.get("Content-Length") not in (None, "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a body on a GET is not read; it must not become the next request
         path = urlsplit(self.path).path
         if path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
@@ -203,6 +313,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain")
 
     def _events(self) -> None:
+        if not self.hub.streams.take():
+            # EventSource gives up on a 503; the page tries again later by itself.
+            self._refuse(Refusal(503, f"{MAX_STREAMS} pages are open, the most this dashboard serves; "
+                                      "close one or try again later"))
+            return
         q = self.hub.add()
         try:
             self.send_response(200)
@@ -213,37 +328,59 @@ class Handler(BaseHTTPRequestHandler):
             snap = json.dumps(self.hub.snapshot(), separators=(",", ":"))
             self.wfile.write(f"retry: 2000\nevent: snapshot\ndata: {snap}\n\n".encode())
             self.wfile.flush()
+            quiet_since = time.monotonic()
             while True:
                 try:
-                    msg = q.get(timeout=KEEPALIVE_S)
+                    msg = q.get(timeout=STREAM_CHECK_S)
                 except queue.Empty:
+                    if self._hung_up():
+                        return
+                    if time.monotonic() - quiet_since < KEEPALIVE_S:
+                        continue
                     msg = ": keepalive\n\n"
                 if msg is None:
                     return
                 self.wfile.write(msg.encode())
                 self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                quiet_since = time.monotonic()
+        except OSError:  # the browser went away mid-write, or stopped taking data
             pass
         finally:
             self.hub.drop(q)
+            self.hub.streams.give()
             self.close_connection = True
 
+    def _hung_up(self) -> bool:
+        """Whether the browser closed its stream. It sends nothing after its request, so the
+        socket turns readable only when it hangs up; a write would notice only much later, and
+        until then the stream would count against MAX_STREAMS."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
+
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self.close_connection = True  # the body stays unread; do not parse it as the next request
-            self._json(413, {"ok": False, "error": f"over {MAX_BODY} bytes"})
+        # Everything that can refuse the request is checked on its headers, before its body is read.
+        try:
+            host = self.headers.get("Host")
+            check_host(host, self.names)
+            if urlsplit(self.path).path != "/api/cmd":
+                raise Refusal(404, "not found")
+            check_origin(self.headers.get("Origin"), self.headers.get("Sec-Fetch-Site"), host, self.allowed)
+            if not self._authorized():
+                raise Refusal(401, "a token is needed")
+            if not self.hub.controls:
+                raise Refusal(403, "commands need a dashboard authenticated to the broker")
+            check_json(self.headers.get("Content-Type"))
+            length = body_length(self.headers, MAX_BODY)
+        except Refusal as refusal:
+            self._refuse(refusal, as_json=True)
             return
-        raw = self.rfile.read(length) if length else b""
-        if urlsplit(self.path).path != "/api/cmd":
-            self._send(404, b"not found\n", "text/plain")
-            return
-        if not self._authorized():
-            self._json(401, {"ok": False, "error": "a token is needed"})
-            return
-        if not self.hub.controls:
-            self._json(403, {"ok": False, "error": "commands need a dashboard authenticated to the broker"})
-            return
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            return  # the client went away (or ran out of time) before sending what it announced
         try:
             body = json.loads(raw or b"{}")
             dev, cmd = body["device"], body["cmd"]
@@ -270,6 +407,68 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class Server(ThreadingHTTPServer):
+    """One thread per connection, as many as MAX_CONNECTIONS; beyond that a connection is
+    answered 503 at once and closed, without a thread."""
+
+    daemon_threads = True
+    request_queue_size = 128  # a burst of browsers (or an attack) waits in the kernel, briefly
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler]) -> None:
+        self.connections = Cap("connections", MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.take():
+            reason = b"too many connections to this dashboard; try again later\n"
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never wait on this client from the accepting thread
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(reason), reason))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.give()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.give()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets or vanishes mid-request is not worth a traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("http: %s: %s", client_address[0] if client_address else "?", exc)
+        else:
+            log.exception("http: request from %s failed", client_address[0] if client_address else "?")
+
+
+def dashboard_token(args: argparse.Namespace) -> str | None:
+    """The token from --token-file, --token or $EDGECAM_DASHBOARD_TOKEN; a file or the environment
+    keep it out of ps, which shows every user the command line."""
+    if args.token and args.token_file:
+        raise EdgecamError("--token and --token-file: give one of them")
+    if args.token_file:
+        token = read_password(args.token_file, "--token-file").strip()
+        if not token or not token.isprintable() or " " in token:
+            raise EdgecamError(f"--token-file: {args.token_file}: expected one line holding the token, "
+                               "with no spaces")
+        with contextlib.suppress(OSError):
+            if os.stat(args.token_file).st_mode & 0o077:
+                log.warning("dashboard: %s can be read by other users; chmod 600 it", args.token_file)
+        return token
+    if args.token:
+        log.warning("dashboard: --token is visible to every user of this machine (ps); "
+                    "use --token-file or $EDGECAM_DASHBOARD_TOKEN")
+        return str(args.token)
+    return os.environ.get("EDGECAM_DASHBOARD_TOKEN") or None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -285,7 +484,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if args.stale_after <= 0:
         raise EdgecamError(f"--stale-after {args.stale_after}: must be more than 0 seconds")
     check_prefix(args.prefix, "--prefix")
-    token = args.token or os.environ.get("EDGECAM_DASHBOARD_TOKEN") or None
+    token = dashboard_token(args)
     if not is_loopback(listen_host) and not token:
         log.warning("dashboard: listening on %s with no --token: anyone who can reach it sees the fleet", listen_host)
     hub = Hub(args.prefix, args.stale_after, controls=bool(opts.username))
@@ -303,12 +502,13 @@ def run_dashboard(args: argparse.Namespace) -> int:
     client = broker.client
     client.on_message = lambda _c, _u, msg: hub.on_message(msg.topic, bytes(msg.payload))
 
-    handler = type("BoundHandler", (Handler,), {"hub": hub, "token": token, "client": client, "prefix": args.prefix})
+    allowed = frozenset(host_name(n) for n in args.allow_host or ())
+    handler = type("BoundHandler", (Handler,), {"hub": hub, "token": token, "client": client, "prefix": args.prefix,
+                                                "names": allowed_names(listen_host, allowed), "allowed": allowed})
     try:
-        httpd = ThreadingHTTPServer((listen_host, listen_port), handler)
+        httpd = Server((listen_host, listen_port), handler)
     except OSError as exc:
         raise EdgecamError(f"--listen {args.listen}: cannot listen ({exc.strerror or exc})") from None
-    httpd.daemon_threads = True
     # SIGTERM (systemd, a test) stops the server the same way Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
     broker.start()
