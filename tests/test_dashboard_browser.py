@@ -4,6 +4,7 @@ serving the page. Screenshots go to screenshots/ (ignored by git) to be looked a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,15 +12,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import paho.mqtt.client as paho
 import pytest
 from broker import Broker, free_port, publish
 from conftest import IMAGES, ROOT, run_cli
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgecam.contract import result_payload
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -93,6 +100,51 @@ def one_image_folder(tmp_path: Path, name: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def served(broker: Broker, tmp_path: Path, *args: str) -> Iterator[str]:
+    """`edgecam dashboard ARGS` serving; its URL. Stopped with SIGTERM after, which must end it cleanly."""
+    port = free_port()
+    log = tmp_path / f"dashboard-{port}.log"
+    dash = subprocess.Popen(
+        [sys.executable, "-m", "edgecam", "dashboard", "--broker", broker.address, "--listen", f"127.0.0.1:{port}",
+         *args],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), cwd=ROOT, env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait(lambda: urllib.request.urlopen(url + "healthz", timeout=1).status == 200, 30, "the dashboard")
+        yield url
+    finally:
+        dash.send_signal(signal.SIGTERM)
+        try:
+            dash.wait(10)
+        except subprocess.TimeoutExpired:
+            dash.kill()
+    assert dash.returncode == 0, log.read_text()
+
+
+@contextlib.contextmanager
+def commands_answered(broker: Broker, dev: str, reply: dict[str, Any]) -> Iterator[None]:
+    """A client on the broker answering `dev`'s commands with `reply`, as a device would."""
+    subscribed = threading.Event()
+    device = paho.Client(CallbackAPIVersion.VERSION2)
+
+    def answer(c: paho.Client, _u: Any, msg: Any) -> None:
+        c.publish(msg.topic + "/reply", json.dumps({**reply, "id": json.loads(msg.payload)["id"]}), qos=1)
+
+    device.on_subscribe = lambda *_: subscribed.set()
+    device.on_message = answer
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        device.subscribe(f"edgecam/{dev}/cmd", qos=1)
+        assert subscribed.wait(30)
+        yield
+    finally:
+        device.disconnect()
+        device.loop_stop()
+
+
 def explained(image: Path) -> str:
     proc = run_cli("explain", "--json", image)
     return json.loads(proc.stdout)["top"][0]["label"].split(",")[0]
@@ -105,15 +157,7 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
                    env=on)
     aviary = daemons("--source", parrots, "--source-fps", "2", "--broker", broker.address,
                      "--device-id", "aviary-cam", "--overlay-every", "2")
-    port = free_port()
-    dash = subprocess.Popen(
-        [sys.executable, "-m", "edgecam", "dashboard", "--broker", broker.address, "--listen", f"127.0.0.1:{port}",
-         "--username", "dash", "--stale-after", "4"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "dashboard.log").open("wb"), cwd=ROOT, env=os.environ.copy(),
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait(lambda: urllib.request.urlopen(url + "healthz", timeout=1).status == 200, 30, "the dashboard")
+    with served(broker, tmp_path, "--username", "dash", "--stale-after", "4") as url:
         browser.get(url)
         wait(lambda: len(browser.find_elements("css selector", ".tile[data-seq]:not([data-seq=''])")) == 2, 60,
              "two tiles with results")
@@ -181,7 +225,6 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         publish(broker.port, "edgecam/yard-cam/status", b"on fire")
         seq = int(tile_attr(browser, "yard-cam", "data-seq"))
         wait(lambda: int(tile_attr(browser, "yard-cam", "data-seq")) > seq, 30, "results after bad data")
-        assert dash.poll() is None
         assert len(attrs(browser, ".tile", "class")) == 2
 
         # A device that stops: offline from its status; one that goes quiet: stale.
@@ -200,10 +243,73 @@ def test_dashboard_in_a_real_browser(broker: Broker, daemons, tmp_path: Path, br
         wait(lambda: tile_attr(browser, "aviary-cam", "data-status") == "offline", 30, "state after reload")
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
-    finally:
-        dash.send_signal(signal.SIGTERM)
-        try:
-            dash.wait(10)
-        except subprocess.TimeoutExpired:
-            dash.kill()
-    assert dash.returncode == 0, (tmp_path / "dashboard.log").read_text()
+
+
+# Markup as the broker could carry it. With no commas: the page shows a label's first synonym.
+def markup(where: str) -> str:
+    return f'<img src=x onerror="window.xssRan = (window.xssRan || []).concat(\'{where}\')"><b>{where} in bold</b>'
+
+
+def test_markup_from_the_broker_shows_as_text_and_runs_nothing(broker: Broker, tmp_path: Path,
+                                                               browser: Any) -> None:
+    """Labels, a status reason, a device's error reply: any client on the broker (or a labels
+    file) decides them, so the page must put them in as text. Device ids cannot carry markup
+    (the contract's rule); one that tries is not a device."""
+    dev = "cam.x_1-A"  # every kind of character the device-id rule allows
+    label, reason, error = markup("label"), markup("reason"), markup("error")
+    cam = np.arange(49, dtype=np.float32).reshape(7, 7)
+    failing = {"ok": False, "device": dev, "error": error}
+    with commands_answered(broker, dev, failing), served(broker, tmp_path, "--username", "dash") as url:
+        browser.get(url)
+        wait(lambda: browser.execute_script("return document.getElementById('conn').textContent === 'live';"), 30,
+             "the live stream")
+        publish(broker.port, f"edgecam/{dev}/status", b"degraded", retain=True)
+        publish(broker.port, f"edgecam/{dev}/stats", json.dumps(
+            {"v": 1, "device": dev, "state": "degraded", "reason": reason, "fps": 1.0}))
+        publish(broker.port, f"edgecam/{dev}/result", result_payload(
+            device=dev, boot="9f2c41d0", seq=7, ts=time.time(), model="m", top=[(1, label, 0.9), (2, "plain", 0.1)],
+            cam_id=1, cam_label=label, cam=cam, timing_ms={"total": 1.0}))
+        evil_id = '<img src=x onerror="window.xssRan=[1]">'  # a valid MQTT topic level, not a device id
+        publish(broker.port, f"edgecam/{evil_id}/status", b"online", retain=True)
+        wait(lambda: tile_attr(browser, dev, "data-seq") == "7", 30, "the result")
+        wait(lambda: browser.execute_script(
+            f"return document.querySelector('.tile[data-device=\"{dev}\"] .reason').textContent;") == reason, 30,
+            "the reason")
+
+        # The tile: the label and the reason read back as the very text sent; no element made of them.
+        assert browser.find_element("css selector", f'.tile[data-device="{dev}"] .name').text == dev
+        assert attr(browser, f'.tile[data-device="{dev}"] .bar .label', "title") == label
+        assert browser.execute_script(
+            f"return document.querySelector('.tile[data-device=\"{dev}\"] .bar .text').textContent;") == label
+        assert tile_attr(browser, dev, "data-top1") == label
+
+        # The detail view: title, timeline, legend, the CAM's class.
+        tile(browser, dev).click()
+        wait(lambda: browser.find_elements("css selector", "#timeline div[data-label]"), 10, "the timeline")
+        assert browser.find_element("id", "d-title").text.startswith(dev + " · ")
+        assert attr(browser, "#timeline div[data-label]", "data-label") == label
+        assert browser.execute_script("return document.getElementById('legend').textContent;") == label
+        assert label in browser.execute_script("return document.getElementById('d-cam').textContent;")
+
+        # A device's error reply.
+        browser.find_element("id", "c-class").send_keys("1")
+        browser.find_element("id", "c-explain").click()
+        wait(lambda: browser.execute_script("return document.getElementById('reply').textContent;") ==
+             "error: " + error, 30, "the error reply")
+
+        # The device id that was markup: counted as bad, never a tile.
+        wait(lambda: json.loads(urllib.request.urlopen(url + "api/state", timeout=5).read())["bad_messages"] >= 1,
+             30, "the bad device id counted")
+        assert attrs(browser, ".tile", "data-device") == [dev]
+
+        made = browser.execute_script(
+            "return [...document.querySelectorAll('b, img')].filter(e => !e.closest('#tiles .picture, #d-snap'))"
+            ".map(e => e.outerHTML);")
+        assert made == [], made
+        # A handler of markup put in the page does run here (the page allows inline script), and
+        # would have by the time this one does: so nothing having run means nothing was put in.
+        browser.execute_script(
+            "const d = document.createElement('div'); d.hidden = true; document.body.append(d);"
+            "d.innerHTML = '<img src=x onerror=\"window.canary = true\">';")
+        wait(lambda: browser.execute_script("return window.canary === true;"), 10, "the canary's handler")
+        assert browser.execute_script("return window.xssRan || null;") is None

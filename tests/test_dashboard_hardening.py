@@ -9,11 +9,12 @@ import contextlib
 import json
 import os
 import re
+import select
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,21 @@ COMMAND = json.dumps({"device": "cam-1", "cmd": {"cmd": "ping"}}).encode()
 def raw(port: int, data: bytes, timeout: float = WAIT) -> tuple[int, str, bytes]:
     """Sends bytes as they are; the status, the header block and the body of the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        with refused_midway():
-            s.sendall(data)
+        send_until_answered(s, [data[at:at + (1 << 16)] for at in range(0, len(data), 1 << 16)])
         return read_response(s)
+
+
+def send_until_answered(s: socket.socket, chunks: Iterable[bytes]) -> int:
+    """Sends chunk after chunk until the server answers (or stops taking them); how much was sent.
+    An answer is read as soon as it comes, before the server's close can reset the connection."""
+    sent = 0
+    with refused_midway():
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break
+            s.sendall(chunk)
+            sent += len(chunk)
+    return sent
 
 
 def refused_midway() -> contextlib.suppress:
@@ -192,11 +205,7 @@ def test_lying_content_lengths_get_one_line_and_nothing_is_buffered(dashboard: C
     with socket.create_connection(("127.0.0.1", dash.port), timeout=WAIT) as s:
         s.sendall(f"POST /api/cmd HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                   "Content-Length: -1\r\n\r\n".encode())
-        chunk, sent = b"x" * (1 << 20), 0
-        with refused_midway():
-            while sent < 200 << 20:
-                s.sendall(chunk)
-                sent += len(chunk)
+        sent = send_until_answered(s, (b"x" * (1 << 20) for _ in range(200)))
         status, _, body = read_response(s)
     assert status == 400 and "-1" in one_line(body)
     assert sent < 200 << 20, "the dashboard took 200 MB of a body it should have refused"
@@ -387,3 +396,14 @@ def test_the_environment_token_is_not_logged(broker: Broker, dashboard: Callable
     assert dash.get("/api/state")[0] == 401
     wait_until(lambda: "token=<redacted>" in dash.log(), what="the request line, redacted")
     assert "Env-T0ken-9" not in dash.log()
+
+
+def test_headers_too_large_are_refused_before_they_are_all_taken(dashboard: Callable[..., Dashboard]) -> None:
+    dash = dashboard()
+    before = peak_rss_kib(dash.proc.pid)
+    head = f"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n".encode()
+    filler = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"y" * 60_000) for i in range(90))  # 5.4 MB, under 100 lines
+    status, _, body = raw(dash.port, head + filler + b"\r\n")
+    assert status == 431 and "KiB" in one_line(body), (status, body[:200])
+    assert peak_rss_kib(dash.proc.pid) - before < 20_000
+    assert dash.state()["broker"] is True

@@ -70,6 +70,8 @@ STREAM_CHECK_S = 1.0  # how soon a stream notices its browser has gone
 CLIENT_QUEUE = 256
 COMMAND_TIMEOUT_S = 10.0  # a device applies commands between frames, maybe over a slow cellular link
 MAX_BODY = 4096
+MAX_REQUEST_BYTES = 64 * 1024  # request line, headers and body
+DRAIN_S, DRAIN_BYTES = 1.0, 1 << 20  # what a refused client may still send before the connection closes
 # A request (headers and body) must arrive within this, counted from when the server starts
 # waiting for it; an idle kept-alive connection is closed after it too.
 REQUEST_TIMEOUT_S = 10.0
@@ -192,23 +194,38 @@ def page() -> bytes:
     return resources.files("edgecam.web").joinpath("static/dashboard.html").read_bytes()
 
 
+class RequestTooLarge(Exception):
+    pass
+
+
 class DeadlineReader(io.RawIOBase):
-    """A socket read with a deadline for the whole request, not only for each read: a sender
-    that trickles a byte at a time still has to finish within the request timeout."""
+    """A socket read with a deadline and a size limit for the whole request, not only for each
+    read: a sender that trickles a byte at a time still has to finish within the request timeout,
+    and headers (http.server takes 100 lines of 64 KiB each) cannot fill the memory."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.start()
+
+    def start(self) -> None:
+        """A new request: its time and its bytes start now."""
         self.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        self.left = MAX_REQUEST_BYTES
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
+        wait = self.deadline - time.monotonic()
+        if wait <= 0:
             raise TimeoutError(f"the request did not arrive within {REQUEST_TIMEOUT_S:g} s")
-        self.sock.settimeout(left)
-        return self.sock.recv_into(buf)
+        if self.left <= 0:
+            raise RequestTooLarge
+        self.sock.settimeout(wait)
+        with memoryview(buf) as view:
+            n = self.sock.recv_into(view[: self.left])
+        self.left -= n
+        return n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -224,12 +241,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.refused = False
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self) -> None:
-        self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        super().handle_one_request()
+        self.reader.start()
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""  # logged if it fails early
+        try:
+            super().handle_one_request()
+        except RequestTooLarge:
+            self._refuse(Refusal(431, f"the request's headers are over {MAX_REQUEST_BYTES // 1024} KiB"))
 
     def end_headers(self) -> None:
         # Reading is over; the answer gets its own time (the read deadline may be nearly spent).
@@ -239,10 +261,29 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("http: %s %s", self.address_string(), redact(fmt % args, self.token))
 
+    def finish(self) -> None:
+        super().finish()
+        if self.refused:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Closing with unread data resets the connection, and the client may lose the answer with
+        it; so what it still sends is taken, for a moment and up to a limit, and dropped."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            end, left = time.monotonic() + DRAIN_S, DRAIN_BYTES
+            while left > 0 and (wait := end - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                got = len(self.connection.recv(min(left, 1 << 16)))
+                if not got:
+                    break
+                left -= got
+
     def _refuse(self, refusal: Refusal, as_json: bool = False) -> None:
         """One line saying why. A body the client may have sent stays unread: the connection
         is closed so that it is not parsed as the next request."""
         self.close_connection = True
+        self.refused = True
         extra = {"Connection": "close"}
         if as_json:
             self._send(refusal.status, json.dumps({"ok": False, "error": refusal.reason}).encode(),
@@ -269,7 +310,9 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        # In pieces: the write timeout is then for a piece, and a slow link still gets a big overlay.
+        for at in range(0, len(body), 1 << 16):
+            self.wfile.write(body[at:at + (1 << 16)])
 
     def _json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
