@@ -266,10 +266,16 @@ class BrokerClient:
         exc = sys.exc_info()[1]  # paho calls this from inside its except block
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
             self._failed(f"TLS with {self.where} failed: {reason(exc)}", refusal=True)
+            return
+        if self._since is None:
+            self._since = time.monotonic()
+        if isinstance(exc, TimeoutError):
+            # Say what was seen: the address takes connections (or drops packets) and nothing answers.
+            step = "the TLS handshake" if self.opts.tls else "the connection"
+            self.log.warning("%s: no answer from %s to %s within %g s; retrying in %g s", self.name, self.where,
+                             step, self.client.connect_timeout, self._next_delay())
         else:
             why = f" ({reason(exc)})" if exc is not None else ""
-            if self._since is None:
-                self._since = time.monotonic()
             self.log.warning("%s: cannot reach %s%s; retrying in %g s", self.name, self.where, why,
                              self._next_delay())
 

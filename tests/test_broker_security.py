@@ -304,3 +304,30 @@ def test_watch_login_and_tls_flags_are_checked_in_one_line(pki: Path, args: list
     proc = run_cli("watch", "--broker", f"localhost:{free_port()}", *args, "--timeout", "5", timeout=60)
     assert proc.returncode == 2
     one_error_line(proc, *needles)
+
+
+def test_a_frozen_tls_broker_is_reported_as_silent(tmp_path: Path, pki: Path, daemons) -> None:
+    b = tls_broker(tmp_path, pki)
+    try:
+        rec = watcher(b, pki, "edgecam/dev1/result")
+        d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", f"localhost:{b.port}", "--device-id", "dev1",
+                    env=env_for(pki, EDGECAM_MQTT_KEEPALIVE="5"))
+        assert rec.wait_for(lambda m: len(m) >= 2, 90), d.log()
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGSTOP)  # its sockets stay open; the kernel still accepts connections
+        try:
+            lost = f"lost the connection to localhost:{b.port} (no answer within the keepalive, 5 s)"
+            assert wait_until(lambda: lost in d.log(), 60, 0.1), d.log()
+            # Reconnecting: the TCP connection opens, and nothing answers the TLS handshake or the CONNECT.
+            silent = f"no answer from localhost:{b.port} "
+            assert wait_until(lambda: d.log().count(silent) >= 2, 60, 0.1), d.log()
+            log = d.log()
+            assert "client certificate" not in log and "cannot reach" not in log, log
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: "s away" in d.log(), 60, 0.1), d.log()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait(60) == 0, d.log()
+        rec.close()
+    finally:
+        b.stop()

@@ -125,7 +125,8 @@ class HomeAssistantConfig:
 
 @dataclass
 class Config:
-    device_id: str = _f("", "device id in topics and the client id (empty: the host name)")
+    device_id: str = _f("", "device id in topics and the client id: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a "
+                        "letter or digit (empty: the host name, made to fit)")
     source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
