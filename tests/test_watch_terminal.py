@@ -87,3 +87,20 @@ def test_watch_escapes_control_sequences_from_the_broker(broker: Broker) -> None
     assert "bad result: contract version '1\\x1b]0;pwned\\x07'" in text
     # The line a label tried to fake never starts a line of its own.
     assert not any(line.startswith("device-x #9") for line in text.splitlines())
+
+
+def test_watch_ends_quietly_when_its_reader_goes(broker: Broker) -> None:
+    # `edgecam watch | head -1`: once the reader has gone, watch stops, without a traceback.
+    watch = subprocess.Popen([sys.executable, "-m", "edgecam", "watch", "--broker", broker.address, "--timeout", "120"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert watch.stderr is not None and watch.stdout is not None
+    assert b"watching" in watch.stderr.readline()
+    publish(broker.port, "edgecam/cam-1/status", b"online")
+    assert watch.stdout.readline() == b"cam-1 is online\n"
+    watch.stdout.close()
+    for i in range(3):  # the first write after the close may still fit the pipe's buffer: the next ones fail
+        publish(broker.port, f"edgecam/cam-{i}/status", b"offline")
+        if watch.poll() is not None:
+            break
+    assert watch.wait(30) == 0
+    assert b"Traceback" not in watch.stderr.read()

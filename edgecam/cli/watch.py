@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from typing import Any, TextIO
@@ -78,7 +79,8 @@ def run_watch(args: argparse.Namespace) -> int:
             say(f"{msg.topic}: not a device id ({DEVICE_ID_RULE})", stream=sys.stderr)
             return
         if name == STATUS:
-            say(f"{dev} is {msg.payload[:20].decode('utf-8', 'replace')}")
+            if not say(f"{dev} is {msg.payload[:20].decode('utf-8', 'replace')}"):
+                done.set()
             return
         try:
             if len(msg.payload) > MAX_PAYLOAD:
@@ -93,9 +95,8 @@ def run_watch(args: argparse.Namespace) -> int:
             label = str(obj["cam"].get("label", "?")).split(",")[0]
             lines.append(f"  CAM of {label}, {cam.shape[1]}x{cam.shape[0]}, {cam.min():.2f}..{cam.max():.2f}")
             lines += ["  " + row for row in text_heatmap(cam)]
-        say(*lines)
         seen["results"] += 1
-        if args.count and seen["results"] >= args.count:
+        if not say(*lines) or (args.count and seen["results"] >= args.count):
             done.set()
 
     broker = BrokerClient(opts, "watch", logger=log, on_refused=refused,
@@ -116,9 +117,17 @@ def run_watch(args: argparse.Namespace) -> int:
     return rc["code"]
 
 
-def say(*lines: str, stream: TextIO | None = None) -> None:
+def say(*lines: str, stream: TextIO | None = None) -> bool:
     """Print lines holding what came from the network, escaped: a label must not move the cursor, retitle
-    or clear the terminal, or start a line of its own (a newline in it is shown as \\x0a)."""
+    or clear the terminal, or start a line of its own (a newline in it is shown as \\x0a).
+
+    False when the reader has gone (`edgecam watch | head`)."""
     stream = stream or sys.stdout
-    stream.write("".join(escaped(line) + "\n" for line in lines))
-    stream.flush()
+    try:
+        stream.write("".join(escaped(line) + "\n" for line in lines))
+        stream.flush()
+    except BrokenPipeError:
+        # Nothing more can be shown; keep the interpreter's last flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return False
+    return True
