@@ -14,7 +14,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,7 +84,7 @@ def tls_context(cfg: TlsFiles, names: tuple[str, str] = ("mqtt.ca_file", "mqtt.c
 
 
 def read_password(path: str, where: str) -> str:
-    """The first line's worth of a password file (its line ending is not part of the password)."""
+    """A password file's text; its trailing line ending is not part of the password."""
     try:
         return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -100,7 +100,7 @@ class BrokerOptions:
     port: int = 1883
     client_id: str = ""
     username: str = ""
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never shown, not even in a repr
     tls: bool = False
     ca_file: str = ""
     cert_file: str = ""
