@@ -26,6 +26,7 @@ from edgecam.core.errors import EdgecamError
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGECAM_MQTT_PASSWORD"
+MAX_PASSWORD_FILE = 4096
 KEEPALIVE_TIMEOUT = 141  # paho's reason code when nothing came back within the keepalive
 
 
@@ -86,7 +87,11 @@ def tls_context(cfg: TlsFiles, names: tuple[str, str] = ("mqtt.ca_file", "mqtt.c
 def read_password(path: str, where: str) -> str:
     """A password file's text; its trailing line ending is not part of the password."""
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_PASSWORD_FILE + 1)  # /dev/zero or a log file given by mistake stays bounded
+        if len(data) > MAX_PASSWORD_FILE:
+            raise EdgecamError(f"{where}: {path}: over {MAX_PASSWORD_FILE} bytes, not a password file")
+        return data.decode("utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:80]
         raise EdgecamError(f"{where}: {path}: cannot read ({why})") from None

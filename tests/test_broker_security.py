@@ -297,7 +297,8 @@ def test_watch_says_why_a_secured_broker_refuses_it(tmp_path: Path, pki: Path) -
      (["--tls", "--cert-file", "client.crt"], ["--cert-file", "--key-file"]),
      (["--tls", "--ca-file", "not-a-cert.pem"], ["--ca-file", "not-a-cert.pem", "not a usable CA"]),
      (["--username", "w", "--password-file", "missing"], ["--password-file", "missing", "cannot read"]),
-     (["--password-file", "passwd"], ["--password-file", "--username"])],
+     (["--password-file", "passwd"], ["--password-file", "--username"]),
+     (["--username", "w", "--password-file", "/dev/zero"], ["--password-file", "/dev/zero", "over 4096 bytes"])],
 )
 def test_watch_login_and_tls_flags_are_checked_in_one_line(pki: Path, args: list[str], needles: list[str]) -> None:
     args = [str(pki / a) if (pki / a).exists() or a == "missing" else a for a in args]
