@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from broker import Broker, Recorder, publish
-from conftest import IMAGES, run_cli
+from conftest import IMAGES, run_cli, wait_until
 
 from edgecam.contract import decode_cam
 
@@ -167,3 +167,97 @@ def test_commands_are_off_without_authentication(broker: Broker, daemons, cat_fo
     assert replies(rec) == []
     assert "commands: on" not in d.log()
     rec.close()
+
+
+def test_a_new_max_fps_takes_effect_at_once(broker: Broker, daemons, cat_folder: Path) -> None:
+    """A rate of 0.001 fps timed the next frame 1000 s away; a later rate of 10 must not wait for it."""
+    d, rec = start(daemons, broker, cat_folder, "dev-r", {**ON, "EDGECAM_LOOP_STATS_INTERVAL": "1"})
+    cmd = "edgecam/dev-r/cmd"
+    publish(broker.port, cmd, json.dumps({"cmd": "set", "max_fps": 0.001, "id": "slow"}))
+    slow = reply_to(rec, "slow")
+    assert slow["ok"] and slow["max_fps"] == 0.001
+    # Slow now: at most the one frame the new rate allows at once, and stats go on meanwhile.
+    n_stats = len(rec.on("stats"))
+    assert rec.wait_for(lambda _m: len(rec.on("stats")) >= n_stats + 3, 20), d.log()
+    slow_results = [r["seq"] for r in rec.results() if r["seq"] > slow["seq"]]
+    assert len(slow_results) <= 1, slow_results
+
+    publish(broker.port, cmd, json.dumps({"cmd": "set", "max_fps": 10, "id": "fast"}))
+    fast = reply_to(rec, "fast")
+    assert fast["ok"] and fast["max_fps"] == 10
+    assert rec.wait_for(lambda _m: len([r for r in rec.results() if r["seq"] > fast["seq"]]) >= 3, 20), d.log()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    rec.close()
+
+
+def test_explain_is_bounded_in_classes_per_result(broker: Broker, daemons, cat_folder: Path) -> None:
+    from edgecam.device.commands import MAX_CLASSES
+
+    env = {**ON, "EDGECAM_LOOP_HEATMAP_WIDTH": "64", "EDGECAM_LOOP_HEATMAP_HEIGHT": "64",
+           "EDGECAM_COMMANDS_RATE": "100"}
+    d, rec = start(daemons, broker, cat_folder, "dev-x", env)
+    cmd = "edgecam/dev-x/cmd"
+    for i in range(MAX_CLASSES + 2):
+        publish(broker.port, cmd, json.dumps({"cmd": "explain", "class": 300 + i, "frames": 1000, "id": i}))
+    answers = [reply_to(rec, i) for i in range(MAX_CLASSES + 2)]
+    assert [a["ok"] for a in answers] == [True] * MAX_CLASSES + [False, False], answers
+    assert f"{MAX_CLASSES} classes" in answers[-1]["error"]
+    # A class already asked for may be asked again (its frames renewed) without counting twice.
+    publish(broker.port, cmd, json.dumps({"cmd": "explain", "class": 300, "frames": 5, "id": "again"}))
+    assert reply_to(rec, "again")["ok"]
+    last = max(a["seq"] for a in answers if a["ok"])
+    assert rec.wait_for(lambda _m: any(r["seq"] > last + 1 for r in rec.results()), 20), d.log()
+    raw = [p for p in rec.on("result") if json.loads(p)["seq"] > last + 1]
+    for payload in raw:
+        r = json.loads(payload)
+        assert len(r["cams"]) <= MAX_CLASSES
+        assert len(payload) < 64 * 1024, len(payload)  # the dashboard's limit for one message
+    assert {c["id"] for c in json.loads(raw[-1])["cams"]} == set(range(300, 300 + MAX_CLASSES))
+    rec.close()
+
+
+def test_commands_beyond_the_inbox_are_refused_with_a_reply(broker: Broker, daemons) -> None:
+    """With the loop away (a camera that gives no frame: it waits read_timeout for one), commands pile up;
+    beyond the inbox's 64 each gets an error reply, and every one of them is answered exactly once."""
+    from broker import paho_client
+
+    from edgecam.device.commands import INBOX
+
+    rec = Recorder(broker.port, "edgecam/dev-i/#")
+    d = daemons("--source", "/dev/video9", "--broker", broker.address, "--device-id", "dev-i",
+                env={**ON, "EDGECAM_SOURCE_READ_TIMEOUT": "10", "EDGECAM_COMMANDS_RATE": "1000"})
+    assert wait_until(lambda: "commands: on" in d.log(), 60, 0.1), d.log()
+    # Answered by the loop between two waits for a frame: the flood then lands within one wait.
+    assert rec.wait_for(lambda m: b"online" in [p for t, p, _ in m if t.endswith("/status")], 30), d.log()
+    publish(broker.port, "edgecam/dev-i/cmd", json.dumps({"cmd": "snapshot", "id": "probe"}))
+    assert reply_to(rec, "probe", 60)["ok"]
+    # One at a time, so the rate limit (bursts of 10) passes most; those it drops are counted as dropped.
+    n = 4 * INBOX
+    client = paho_client(broker.port)
+    for i in range(n):
+        client.publish("edgecam/dev-i/cmd", json.dumps({"cmd": "snapshot", "id": i}), qos=1).wait_for_publish(30)
+    client.disconnect()
+    client.loop_stop()
+
+    def counted(m: list[tuple[str, bytes, bool]]) -> dict[str, int] | None:
+        for t, p, _ in reversed(m):
+            if t.endswith("/stats"):
+                c = json.loads(p)["commands"]
+                return c if c["accepted"] + c["rejected"] + c["dropped"] >= n + 1 else None
+        return None
+
+    assert rec.wait_for(lambda m: counted(m) is not None, 60), d.log()
+    seen = counted(rec.messages)
+    assert seen is not None and seen["accepted"] + seen["rejected"] + seen["dropped"] == n + 1, seen
+    answers = [a for a in replies(rec) if a["id"] != "probe"]
+    ids = [a["id"] for a in answers]
+    # Each command not dropped by the rate limit is answered exactly once; none is lost silently.
+    assert len(ids) == len(set(ids)) == n - seen["dropped"], (len(ids), seen)
+    busy = [a for a in answers if not a["ok"]]
+    assert busy and all("busy" in a["error"] and str(INBOX) in a["error"] for a in busy), busy
+    assert len(busy) == seen["rejected"] and len(answers) - len(busy) == seen["accepted"] - 1
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    rec.close()
+

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import one_error_line, run_cli
+from conftest import ROOT, one_error_line, run_cli
 
 from edgecam.device import config
 from edgecam.device.config import Config, EdgecamError
@@ -524,3 +524,92 @@ def test_cli_error_lines(tmp_path: Path, args: list[str], env: dict[str, str], n
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert proc.stdout == ""
     one_error_line(proc, *needles)
+
+
+# --- the reference page, and the ranges it promises -----------------------------------------------
+
+
+def test_configuration_page_is_what_the_declarations_make() -> None:
+    proc = run_cli("config", "reference", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert page == proc.stdout, (
+        "docs/configuration.md is stale; regenerate it with: edgecam config reference > docs/configuration.md"
+    )
+
+
+def test_configuration_page_names_every_key_env_and_flag() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for key, (env, flag) in {
+        "device_id": ("EDGECAM_DEVICE_ID", "--device-id"),
+        "max_fps": ("EDGECAM_LOOP_MAX_FPS", "--max-fps"),
+        "repeat": ("EDGECAM_SOURCE_REPEAT", "--once"),
+        "host": ("EDGECAM_MQTT_HOST", "--broker"),
+        "password": ("EDGECAM_MQTT_PASSWORD", ""),
+    }.items():
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{key}` |") and env in line)
+        assert flag in row, row
+    assert "`max_fps`, `publish`, `change_delta`, `heartbeat`, `overlay_every`." in page
+
+
+# Written out by hand from the documented ranges, not read from the declarations: a range declared
+# wrongly in config.py (stats_interval from 0, say) fails here.
+PINNED_RANGES: dict[str, tuple[float, float]] = {
+    "source.fps": (0, 240), "source.width": (16, 8192), "source.height": (16, 8192),
+    "source.read_timeout": (0.1, 600), "model.threads": (1, 64),
+    "loop.max_fps": (0, 1000), "loop.change_delta": (0, 1), "loop.heartbeat": (0.1, 86400),
+    "loop.overlay_every": (0, 1_000_000), "loop.overlay_width": (16, 4096), "loop.overlay_height": (16, 4096),
+    "loop.jpeg_quality": (1, 100), "loop.heatmap_width": (0, 64), "loop.heatmap_height": (0, 64),
+    "loop.stats_interval": (1, 3600),
+    "mqtt.port": (1, 65535), "mqtt.qos": (0, 1), "mqtt.keepalive": (5, 3600), "mqtt.reconnect_min": (0.1, 600),
+    "mqtt.reconnect_max": (1, 3600), "mqtt.max_queued": (1, 1_000_000), "mqtt.shutdown_timeout": (0, 600),
+    "spool.max_mb": (0.01, 100_000), "spool.max_age_hours": (0.001, 87_600), "spool.overlay_mb": (0.01, 100_000),
+    "commands.rate": (0.1, 1000),
+}
+PINNED_CHOICES: dict[str, tuple[str, ...]] = {
+    "source.kind": ("auto", "picamera2", "opencv", "folder"), "loop.publish": ("every", "change"),
+    "loop.overlay_style": ("blend", "dim"), "mqtt.protocol": ("3.1.1", "5"),
+    "spool.policy": ("drop_oldest", "drop_newest"), "commands.enabled": ("auto", "on", "off"),
+}
+WHOLE = {"source.width", "source.height", "model.threads", "loop.overlay_every", "loop.overlay_width",
+         "loop.overlay_height", "loop.jpeg_quality", "loop.heatmap_width", "loop.heatmap_height", "mqtt.port",
+         "mqtt.qos", "mqtt.keepalive", "mqtt.max_queued"}
+
+
+def _one(key: str, value: Any) -> str:
+    section, name = key.split(".")
+    return f"[{section}]\n{name} = {config.to_toml_value(value)}\n"
+
+
+@pytest.mark.parametrize("key", sorted(PINNED_RANGES))
+def test_documented_ranges_hold(key: str) -> None:
+    lo, hi = PINNED_RANGES[key]
+    step = 1 if key in WHOLE else min(0.001, lo / 10 if lo else 0.001)
+    kind = int if key in WHOLE else float
+    section, name = key.split(".")
+    for ok in (lo, hi):
+        cfg = config.from_toml(_one(key, kind(ok)), "pinned")
+        assert getattr(getattr(cfg, section), name) == ok
+    for bad in (lo - step, hi + step):
+        with pytest.raises(EdgecamError, match="out of range"):
+            config.from_toml(_one(key, kind(bad)), "pinned")
+
+
+@pytest.mark.parametrize("key", sorted(PINNED_CHOICES))
+def test_documented_choices_hold(key: str) -> None:
+    section, name = key.split(".")
+    for choice in PINNED_CHOICES[key]:
+        assert getattr(getattr(config.from_toml(_one(key, choice), "pinned"), section), name) == choice
+    with pytest.raises(EdgecamError, match="is not one of"):
+        config.from_toml(_one(key, "banana"), "pinned")
+
+
+def test_every_numeric_and_choice_key_is_pinned() -> None:
+    """A new key with a range or choices gets its documented bounds pinned above."""
+    for s in config.settings():
+        meta = s.field.metadata
+        if meta["choices"]:
+            assert s.dotted in PINNED_CHOICES, s.dotted
+        elif s.kind in (int, float):
+            assert s.dotted in PINNED_RANGES, s.dotted
+            assert (s.dotted in WHOLE) == (s.kind is int), s.dotted

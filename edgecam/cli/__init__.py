@@ -166,23 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    """The common settings as flags; they win over the file and the environment."""
+    """The config file, and the settings that have flags; they win over the file and the environment."""
+    from edgecam.device.config import add_flags
+
     p.add_argument(
         "--config", "-c", type=Path, help="TOML config (default: $EDGECAM_CONFIG, else /etc/edgecam/edgecam.toml)"
     )
-    p.add_argument("--source", "-s", metavar="SPEC",
-                   help="auto, picamera2, a directory of images, a device (0, /dev/video0), a URL or a video file")
-    p.add_argument("--source-fps", type=float, metavar="FPS", help="play a folder or video file at this rate")
-    p.add_argument("--once", action="store_true", help="play a folder or video file once, then stop")
-    p.add_argument("--broker", "-b", metavar="HOST[:PORT]", help="MQTT broker (default localhost:1883)")
-    p.add_argument("--no-mqtt", action="store_true", help="print results as JSON lines instead of publishing")
-    p.add_argument("--device-id", help="device id in topics (default: the host name)")
-    p.add_argument("--prefix", help="topic prefix (default edgecam)")
-    p.add_argument("--model", "-m", help="manifest model name or .tflite path")
-    p.add_argument("--threads", type=int, help="interpreter threads")
-    p.add_argument("--max-fps", type=float, help="at most this many frames a second")
-    p.add_argument("--publish", choices=("every", "change"), help="publish every result or only changes")
-    p.add_argument("--overlay-every", type=int, metavar="N", help="an overlay JPEG every N results (0: never)")
+    add_flags(p)
 
 
 def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
@@ -197,6 +187,7 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     check = csub.add_parser("check", help="validate and print the effective configuration, secrets redacted")
     _add_overrides(check)
     csub.add_parser("default", help="print a commented default config file")
+    csub.add_parser("reference", help="print docs/configuration.md, made from the settings' declarations")
 
     db = sub.add_parser("dashboard", help="a live web page for a fleet of devices, fed from the broker")
     add_broker_flags(db, "broker user name; with one, the page can send commands")
@@ -368,6 +359,11 @@ def _config(args: argparse.Namespace) -> int:
         print(f"# edgecam {__version__} configuration: /etc/edgecam/edgecam.toml. Every key is optional;")
         print("# the commented value is the default. EDGECAM_<SECTION>_<KEY> variables and flags override.")
         print(config.describe_keys(), end="")
+        return 0
+    if args.config_command == "reference":
+        from edgecam.device.reference import reference
+
+        print(reference(), end="")
         return 0
     args.print_usage(sys.stderr)
     return 2

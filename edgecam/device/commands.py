@@ -1,4 +1,4 @@
-"""Commands on <prefix>/<device>/cmd: parsing and checking, pure; a rate limit.
+"""Commands on <prefix>/<device>/cmd: parsing and checking, pure; a rate limit; the inbox.
 
 Each command is a JSON object with "cmd" and an optional "id" that the reply carries:
   {"cmd": "explain", "class": NAME_OR_ID, "frames": N}   CAM of that class in the next N results
@@ -10,19 +10,31 @@ Anything else gets an error reply naming the problem; nothing here can stop the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgecam.core.errors import EdgecamError, shown
 from edgecam.core.labels import class_id
-from edgecam.device.config import LoopConfig, coerce
+from edgecam.device.config import coerce, settable
+
+log = logging.getLogger(__name__)
 
 MAX_BYTES = 4096
 MAX_FRAMES = 1000
-SETTABLE = ("max_fps", "publish", "change_delta", "heartbeat", "overlay_every")
+# Classes explained at once at a command's request, besides each result's top-1. Each map adds
+# up to about 5.5 KB to a result (64x64 published maps): 8 keep a result well under the 64 KB a
+# consumer such as the dashboard accepts.
+MAX_CLASSES = 8
+# Commands waiting for the loop; more are refused with a reply.
+INBOX = 64
+# The keys a `set` command may change, as declared in config.py.
+SETTABLE = tuple(settable())
 
 
 class CommandError(ValueError):
@@ -63,40 +75,58 @@ def _check(obj: dict[str, Any], labels: list[str]) -> Command:
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int) or len(str(rid)) > 100):
         raise CommandError("'id' must be a string or a number of at most 100 characters")
     name = obj.get("cmd")
-    if name == "ping" or name == "snapshot":
-        _no_extra(obj, set())
-        return Command(name, rid)
-    if name == "explain":
-        _no_extra(obj, {"class", "frames"})
-        if "class" not in obj:
-            raise CommandError("explain needs 'class' (a label or a class id)")
-        raw = obj["class"]
-        if isinstance(raw, bool) or not isinstance(raw, str | int):
-            raise CommandError("'class' must be a label or a class id")
-        try:
-            cls = class_id(str(raw), labels)
-        except EdgecamError as exc:
-            raise CommandError(str(exc).replace("--class ", "class ")) from None
-        frames = obj.get("frames", 1)
-        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
-            raise CommandError(f"'frames' must be a whole number from 1 to {MAX_FRAMES}")
-        return Command("explain", rid, cls=cls, frames=frames)
-    if name == "set":
-        _no_extra(obj, set(SETTABLE))
-        fields = {f.name: f for f in dataclasses.fields(LoopConfig)}
-        changes = {}
-        for key in SETTABLE:
-            if key in obj:
-                try:
-                    changes[key] = coerce(obj[key], fields[key], key)
-                except EdgecamError as exc:
-                    raise CommandError(str(exc)) from None
-        if not changes:
-            raise CommandError(f"set needs one of {', '.join(SETTABLE)}")
-        return Command("set", rid, changes=changes)
     if name is None:
         raise CommandError("no 'cmd'")
-    raise CommandError(f"unknown command {shown(name)}; known: explain, snapshot, set, ping")
+    check = CHECKS.get(name) if isinstance(name, str) else None
+    if check is None:
+        raise CommandError(f"unknown command {shown(name)}; known: {', '.join(CHECKS)}")
+    return check(obj, rid, labels)
+
+
+def _check_explain(obj: dict[str, Any], rid: Any, labels: list[str]) -> Command:
+    _no_extra(obj, {"class", "frames"})
+    if "class" not in obj:
+        raise CommandError("explain needs 'class' (a label or a class id)")
+    raw = obj["class"]
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise CommandError("'class' must be a label or a class id")
+    try:
+        cls = class_id(str(raw), labels)
+    except EdgecamError as exc:
+        raise CommandError(str(exc).replace("--class ", "class ")) from None
+    frames = obj.get("frames", 1)
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+        raise CommandError(f"'frames' must be a whole number from 1 to {MAX_FRAMES}")
+    return Command("explain", rid, cls=cls, frames=frames)
+
+
+def _check_bare(obj: dict[str, Any], rid: Any, labels: list[str]) -> Command:
+    _no_extra(obj, set())
+    return Command(obj["cmd"], rid)
+
+
+def _check_set(obj: dict[str, Any], rid: Any, labels: list[str]) -> Command:
+    _no_extra(obj, set(SETTABLE))
+    declared = settable()
+    changes = {}
+    for key in SETTABLE:
+        if key in obj:
+            try:
+                changes[key] = coerce(obj[key], declared[key].field, key)
+            except EdgecamError as exc:
+                raise CommandError(str(exc)) from None
+    if not changes:
+        raise CommandError(f"set needs one of {', '.join(SETTABLE)}")
+    return Command("set", rid, changes=changes)
+
+
+# Each command's check, by name; the daemon has one handler for each of these names.
+CHECKS: dict[str, Callable[[dict[str, Any], Any, list[str]], Command]] = {
+    "explain": _check_explain,
+    "snapshot": _check_bare,
+    "set": _check_set,
+    "ping": _check_bare,
+}
 
 
 def _no_extra(obj: dict[str, Any], allowed: set[str]) -> None:
@@ -125,3 +155,63 @@ class RateLimit:
             self.tokens -= 1
             return True
         return False
+
+
+class Inbox:
+    """Commands from the network thread to the frame loop: rate-limited, checked, bounded.
+
+    `receive` runs on the network thread and returns the reply to send at once when it
+    refuses a command; the loop `take`s the accepted ones and answers them itself.
+    """
+
+    def __init__(self, labels: list[str], rate: float, capacity: int = INBOX) -> None:
+        self.labels = labels
+        self.rate = rate
+        self.capacity = capacity
+        self.limiter = RateLimit(rate)
+        self._queue: deque[Command] = deque()
+        self._lock = threading.Lock()
+        self._counts = {"accepted": 0, "rejected": 0, "dropped": 0}
+        self._dropped_logged = 0.0
+
+    def receive(self, payload: bytes) -> bytes | None:
+        if not self.limiter.allow():
+            self.count("dropped")
+            now = time.monotonic()
+            if now - self._dropped_logged > 10:
+                self._dropped_logged = now
+                log.warning("commands: too many; dropped %d so far (limit %g/s)", self.counts()["dropped"],
+                            self.rate)
+            return None
+        try:
+            cmd = parse(payload, self.labels)
+        except CommandError as exc:
+            return self.refuse(getattr(exc, "id", None), str(exc))
+        except Exception as exc:  # a command must never take the network thread down with it
+            log.error("commands: could not handle a command: %r", exc)
+            return self.refuse(None, "internal error handling this command")
+        with self._lock:
+            if len(self._queue) < self.capacity:
+                self._queue.append(cmd)
+                return None
+        return self.refuse(cmd.id, f"busy: {self.capacity} commands wait for the frame loop already; "
+                                   "this one is not carried out")
+
+    def refuse(self, rid: Any, error: str) -> bytes:
+        self.count("rejected")
+        log.warning("commands: rejected: %s", error)
+        return reply(rid, False, error=error)
+
+    def take(self) -> list[Command]:
+        with self._lock:
+            taken = list(self._queue)
+            self._queue.clear()
+        return taken
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self._counts[what] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)

@@ -1,23 +1,27 @@
 """The daemon's configuration: one TOML file, then EDGECAM_<SECTION>_<KEY> variables, then flags.
 
-Every key is declared once below with its type, default and allowed range; loading
-walks that declaration, so an unknown key, a wrong type or a value out of range is
-reported as one line naming the key and where it came from.
+Every setting is declared once below (`setting(...)`): its type, default, allowed range or
+choices, help text, whether it is secret, its command-line flag if it has one, and whether a
+`set` command may change it at run time. Its environment name follows from where it sits.
+Loading walks these declarations, so an unknown key, a wrong type or a value out of range is
+one line naming the key and where it came from; the flags of `run` and `config check`, the
+command-settable table, `config default` and docs/configuration.md are derived from them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecam.broker import BrokerOptions, read_password
+from edgecam.broker import BrokerOptions, read_password, split_broker
 from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
 from edgecam.core.preprocess import Normalization, normalization
@@ -26,107 +30,167 @@ DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
 ENV_PREFIX = "EDGECAM_"
 
 
-def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-       choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "secret": secret})
+@dataclass(frozen=True)
+class Flag:
+    """A setting's command-line flag on `run` and `config check`.
+
+    `const`: a switch that stores this value (`--once` sets source.repeat to false).
+    `parse`: a flag whose text sets more than its own key (`--broker HOST:PORT`).
+    """
+
+    names: tuple[str, ...]
+    help: str = ""
+    metavar: str | None = None
+    const: Any = None
+    parse: Callable[[Config, str], None] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+
+def setting(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+            choices: tuple[str, ...] | None = None, secret: bool = False,
+            flag: str | tuple[str, ...] | Flag | None = None, settable: bool = False) -> Any:
+    """One setting's declaration, as the field of its section's dataclass."""
+    if isinstance(flag, str | tuple):
+        flag = Flag((flag,) if isinstance(flag, str) else flag)
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices,
+                                            "secret": secret, "flag": flag, "settable": settable})
+
+
+def source_from_spec(cfg: Config, spec: str) -> None:
+    """--source: a word, a directory, or what OpenCV opens."""
+    if spec in ("auto", "picamera2"):
+        cfg.source.kind, cfg.source.uri = spec, ""
+    elif spec and Path(spec).is_dir():
+        cfg.source.kind, cfg.source.uri = "folder", spec
+    else:
+        cfg.source.kind, cfg.source.uri = "opencv", spec
+
+
+def broker_from_spec(cfg: Config, spec: str) -> None:
+    """--broker HOST[:PORT]: the port only when given."""
+    cfg.mqtt.host, cfg.mqtt.port = split_broker(spec, cfg.mqtt.port)
 
 
 @dataclass
 class SourceConfig:
-    kind: str = _f("auto", "where frames come from", choices=("auto", "picamera2", "opencv", "folder"))
-    uri: str = _f("", "opencv: device index, /dev/videoN, rtsp:// or http:// URL, or video file; folder: a directory")
-    repeat: bool = _f(True, "folder and video file: start again at the end")
-    fps: float = _f(0.0, "folder and video file: play at this rate like a camera (0: hand every frame to the loop)",
-                    lo=0, hi=240)
-    width: int = _f(640, "capture width asked of a camera (picamera2: the overlay stream)", lo=16, hi=8192)
-    height: int = _f(480, "capture height asked of a camera", lo=16, hi=8192)
-    read_timeout: float = _f(5.0, "seconds without a frame before the source counts as failed", lo=0.1, hi=600)
-    max_pixels: int = _f(25_000_000, "folder: images whose header claims more pixels are skipped undecoded",
-                         lo=1, hi=1_000_000_000)
+    kind: str = setting(
+        "auto", "where frames come from", choices=("auto", "picamera2", "opencv", "folder"),
+        flag=Flag(("--source", "-s"), "auto, picamera2, a directory of images, a device (0, /dev/video0), a URL "
+                  "or a video file (sets source.kind and source.uri)", "SPEC", parse=source_from_spec),
+    )
+    uri: str = setting(
+        "", "opencv: device index, /dev/videoN, rtsp:// or http:// URL, or video file; folder: a directory"
+    )
+    repeat: bool = setting(True, "folder and video file: start again at the end",
+                           flag=Flag(("--once",), "play a folder or video file once, then stop", const=False))
+    fps: float = setting(
+        0.0, "folder and video file: play at this rate like a camera (0: hand every frame to the loop)",
+        lo=0, hi=240, flag=Flag(("--source-fps",), metavar="FPS"),
+    )
+    width: int = setting(640, "capture width asked of a camera (picamera2: the overlay stream)", lo=16, hi=8192)
+    height: int = setting(480, "capture height asked of a camera", lo=16, hi=8192)
+    read_timeout: float = setting(5.0, "seconds without a frame before the source counts as failed", lo=0.1, hi=600)
+    max_pixels: int = setting(25_000_000, "folder: images whose header claims more pixels are skipped undecoded",
+                              lo=1, hi=1_000_000_000)
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("", "manifest model name or .tflite path (empty: the manifest's default)")
-    labels: str = _f("", "labels file (empty: the model's own)")
-    threads: int = _f(2, "interpreter threads", lo=1, hi=64)
-    crop: bool = _f(False, "centre-crop frames to the model's aspect instead of resizing the whole frame")
-    input_mean: str = _f("", "input normalisation in pixel units: the model sees (pixel - mean) / std; one value or "
-                         "one per channel, as a string (\"127.5\" or \"123.7,116.3,103.5\"; empty: the manifest's, "
-                         "else the model's metadata, else raw pixels for quantized inputs, 127.5 for float)")
-    input_std: str = _f("", "input normalisation's std, with input_mean (same form)")
+    name: str = setting("", "manifest model name or .tflite path (empty: the manifest's default)",
+                        flag=("--model", "-m"))
+    labels: str = setting("", "labels file (empty: the model's own)")
+    threads: int = setting(2, "interpreter threads", lo=1, hi=64, flag="--threads")
+    crop: bool = setting(False, "centre-crop frames to the model's aspect instead of resizing the whole frame")
+    input_mean: str = setting(
+        "", "input normalisation in pixel units: the model sees (pixel - mean) / std; one value or one per "
+        "channel, as a string (\"127.5\" or \"123.7,116.3,103.5\"; empty: the manifest's, else the model's "
+        "metadata, else raw pixels for quantized inputs, 127.5 for float)"
+    )
+    input_std: str = setting("", "input normalisation's std, with input_mean (same form)")
 
 
 @dataclass
 class LoopConfig:
-    max_fps: float = _f(0.0, "at most this many frames a second (0: as fast as the model runs)", lo=0, hi=1000)
-    publish: str = _f("every", "publish every result, or only when the top-1 changes", choices=("every", "change"))
-    change_delta: float = _f(0.1, "publish=change: also publish when the top-1 score moves by more than this",
-                             lo=0, hi=1)
-    heartbeat: float = _f(30.0, "publish=change: publish at least every this many seconds", lo=0.1, hi=86400)
-    overlay_every: int = _f(0, "publish an overlay JPEG every N published results (0: never)", lo=0, hi=1_000_000)
-    overlay_width: int = _f(320, "overlay width in pixels", lo=16, hi=4096)
-    overlay_height: int = _f(240, "overlay height in pixels", lo=16, hi=4096)
-    overlay_style: str = _f("blend", "overlay style", choices=("blend", "dim"))
-    jpeg_quality: int = _f(80, "overlay JPEG quality", lo=1, hi=100)
-    heatmap_width: int = _f(0, "width of the published map (0: the raw map, e.g. 7)", lo=0, hi=64)
-    heatmap_height: int = _f(0, "height of the published map (0: the raw map)", lo=0, hi=64)
-    stats_interval: float = _f(10.0, "seconds between retained stats messages", lo=1, hi=3600)
+    max_fps: float = setting(0.0, "at most this many frames a second (0: as fast as the model runs)", lo=0, hi=1000,
+                             flag="--max-fps", settable=True)
+    publish: str = setting("every", "publish every result, or only when the top-1 changes", choices=("every", "change"),
+                           flag="--publish", settable=True)
+    change_delta: float = setting(0.1, "publish=change: also publish when the top-1 score moves by more than this",
+                                  lo=0, hi=1, settable=True)
+    heartbeat: float = setting(30.0, "publish=change: publish at least every this many seconds", lo=0.1, hi=86400,
+                               settable=True)
+    overlay_every: int = setting(0, "publish an overlay JPEG every N published results (0: never)", lo=0, hi=1_000_000,
+                                 flag=Flag(("--overlay-every",), metavar="N"), settable=True)
+    overlay_width: int = setting(320, "overlay width in pixels", lo=16, hi=4096)
+    overlay_height: int = setting(240, "overlay height in pixels", lo=16, hi=4096)
+    overlay_style: str = setting("blend", "overlay style", choices=("blend", "dim"))
+    jpeg_quality: int = setting(80, "overlay JPEG quality", lo=1, hi=100)
+    heatmap_width: int = setting(0, "width of the published map (0: the raw map, e.g. 7)", lo=0, hi=64)
+    heatmap_height: int = setting(0, "height of the published map (0: the raw map)", lo=0, hi=64)
+    stats_interval: float = setting(10.0, "seconds between retained stats messages", lo=1, hi=3600)
 
 
 @dataclass
 class MqttConfig:
-    enabled: bool = _f(True, "publish to a broker (false: print results as JSON lines on stdout)")
-    host: str = _f("localhost", "broker host name or address")
-    port: int = _f(1883, "broker port", lo=1, hi=65535)
-    prefix: str = _f("edgecam", "topic prefix: topics are <prefix>/<device_id>/...")
-    qos: int = _f(1, "QoS of results", lo=0, hi=1)
-    keepalive: int = _f(30, "keepalive seconds", lo=5, hi=3600)
-    protocol: str = _f("3.1.1", "MQTT protocol version", choices=("3.1.1", "5"))
-    reconnect_min: float = _f(1.0, "first reconnect delay, seconds (doubles up to reconnect_max)", lo=0.1, hi=600)
-    reconnect_max: float = _f(60.0, "longest reconnect delay, seconds", lo=1, hi=3600)
-    max_queued: int = _f(1000, "messages held in memory when the spool file cannot be written", lo=1, hi=1_000_000)
-    shutdown_timeout: float = _f(10.0, "seconds to wait for the broker's acknowledgements at exit", lo=0, hi=600)
-    username: str = _f("", "broker user name")
-    password: str = _f("", "broker password (better: password_file or EDGECAM_MQTT_PASSWORD)", secret=True)
-    password_file: str = _f("", "file holding the broker password")
-    tls: bool = _f(False, "connect with TLS (1.2 or newer)")
-    ca_file: str = _f("", "CA certificate file for TLS (empty: the system's CAs)")
-    cert_file: str = _f("", "client certificate for TLS")
-    key_file: str = _f("", "client key for TLS")
+    enabled: bool = setting(True, "publish to a broker (false: print results as JSON lines on stdout)",
+                           flag=Flag(("--no-mqtt",), "print results as JSON lines instead of publishing", const=False))
+    host: str = setting("localhost", "broker host name or address",
+                        flag=Flag(("--broker", "-b"), "MQTT broker (sets mqtt.host, and mqtt.port when given)",
+                                  "HOST[:PORT]", parse=broker_from_spec))
+    port: int = setting(1883, "broker port", lo=1, hi=65535)
+    prefix: str = setting("edgecam", "topic prefix: topics are <prefix>/<device_id>/...", flag="--prefix")
+    qos: int = setting(1, "QoS of results", lo=0, hi=1)
+    keepalive: int = setting(30, "keepalive seconds", lo=5, hi=3600)
+    protocol: str = setting("3.1.1", "MQTT protocol version", choices=("3.1.1", "5"))
+    reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles up to reconnect_max)", lo=0.1, hi=600)
+    reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", lo=1, hi=3600)
+    max_queued: int = setting(1000, "messages held in memory when the spool file cannot be written", lo=1, hi=1_000_000)
+    shutdown_timeout: float = setting(10.0, "seconds to wait for the broker's acknowledgements at exit", lo=0, hi=600)
+    username: str = setting("", "broker user name")
+    password: str = setting("", "broker password (better: password_file or EDGECAM_MQTT_PASSWORD)", secret=True)
+    password_file: str = setting("", "file holding the broker password")
+    tls: bool = setting(False, "connect with TLS (1.2 or newer)")
+    ca_file: str = setting("", "CA certificate file for TLS (empty: the system's CAs)")
+    cert_file: str = setting("", "client certificate for TLS")
+    key_file: str = setting("", "client key for TLS")
 
 
 @dataclass
 class SpoolConfig:
-    enabled: bool = _f(True, "keep undelivered results on disk (false: in memory only, up to mqtt.max_queued)")
-    dir: str = _f("", "directory of the spool file (empty: $STATE_DIRECTORY, else /var/lib/edgecam if writable, "
+    enabled: bool = setting(True, "keep undelivered results on disk (false: in memory only, up to mqtt.max_queued)")
+    dir: str = setting("", "directory of the spool file (empty: $STATE_DIRECTORY, else /var/lib/edgecam if writable, "
                   "else ~/.local/state/edgecam)")
-    max_mb: float = _f(64.0, "results kept at most, in MB", lo=0.01, hi=100_000)
-    max_age_hours: float = _f(168.0, "results older than this are dropped, in hours", lo=0.001, hi=87_600)
-    policy: str = _f("drop_oldest", "when full: drop the oldest results or refuse new ones",
+    max_mb: float = setting(64.0, "results kept at most, in MB", lo=0.01, hi=100_000)
+    max_age_hours: float = setting(168.0, "results older than this are dropped, in hours", lo=0.001, hi=87_600)
+    policy: str = setting("drop_oldest", "when full: drop the oldest results or refuse new ones",
                      choices=("drop_oldest", "drop_newest"))
-    overlays: bool = _f(False, "keep undelivered overlays too (else they are sent only while connected)")
-    overlay_mb: float = _f(8.0, "overlays kept at most, in MB", lo=0.01, hi=100_000)
+    overlays: bool = setting(False, "keep undelivered overlays too (else they are sent only while connected)")
+    overlay_mb: float = setting(8.0, "overlays kept at most, in MB", lo=0.01, hi=100_000)
 
 
 @dataclass
 class CommandsConfig:
-    enabled: str = _f("auto", "commands on <prefix>/<device>/cmd: auto = only when the broker connection is "
+    enabled: str = setting("auto", "commands on <prefix>/<device>/cmd: auto = only when the broker connection is "
                       "authenticated (mqtt.username set)", choices=("auto", "on", "off"))
-    rate: float = _f(2.0, "commands a second allowed on average (bursts of 10); the rest are dropped",
+    rate: float = setting(2.0, "commands a second allowed on average (bursts of 10); the rest are dropped",
                      lo=0.1, hi=1000)
 
 
 @dataclass
 class HomeAssistantConfig:
-    discovery: bool = _f(False, "publish Home Assistant MQTT discovery messages (sensors and an image entity)")
-    prefix: str = _f("homeassistant", "Home Assistant's discovery prefix")
+    discovery: bool = setting(False, "publish Home Assistant MQTT discovery messages (sensors and an image entity)")
+    prefix: str = setting("homeassistant", "Home Assistant's discovery prefix")
 
 
 @dataclass
 class Config:
-    device_id: str = _f("", "device id in topics and the client id: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a "
-                        "letter or digit (empty: the host name, made to fit)")
+    device_id: str = setting(
+        "", "device id in topics and the client id: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit "
+        "(empty: the host name, made to fit)", flag="--device-id",
+    )
     source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -152,9 +216,95 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj) if f.name not in SECTIONS}
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting, as the derived tables see it."""
+
+    section: str | None
+    key: str
+    field: dataclasses.Field
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}" if self.section else self.key
+
+    @property
+    def env(self) -> str:
+        return env_name(self.section, self.key)
+
+    @property
+    def kind(self) -> type:
+        return _kind(self.field)
+
+    @property
+    def flag(self) -> Flag | None:
+        return self.field.metadata["flag"]
+
+    @property
+    def settable(self) -> bool:
+        return self.field.metadata["settable"]
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata["help"]
+
+
+def settings() -> Iterator[Setting]:
+    """Every declared setting, in declaration order: device_id, then each section's keys."""
+    cfg = Config()
+    for section, target in [(None, cfg), *((s, getattr(cfg, s)) for s in SECTIONS)]:
+        for key, f in _fields(target).items():
+            yield Setting(section, key, f)
+
+
+def settable() -> dict[str, Setting]:
+    """What a `set` command may change, by the key name the command uses."""
+    found: dict[str, Setting] = {}
+    for s in settings():
+        if s.settable:
+            # Commands name keys without their section; two settable keys must not share a name.
+            assert s.key not in found, f"two settable keys named {s.key}"
+            found[s.key] = s
+    return found
+
+
+def flag_keys() -> dict[str, str]:
+    """Flag attribute -> config key, for the flags that set one key from their text."""
+    return {s.flag.dest: s.dotted for s in settings() if s.flag and s.flag.const is None and s.flag.parse is None}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Each declared flag on `parser`; values are checked as the setting's own (range, choices) when applied."""
+    for s in settings():
+        flag = s.flag
+        if flag is None:
+            continue
+        helptext = flag.help or s.help
+        if flag.const is not None:
+            parser.add_argument(*flag.names, dest=flag.dest, action="store_const", const=flag.const, help=helptext)
+            continue
+        kind = str if flag.parse else s.kind
+        parser.add_argument(*flag.names, dest=flag.dest, metavar=flag.metavar, help=helptext,
+                            type=kind if kind in (int, float) else None,
+                            choices=None if flag.parse else s.field.metadata["choices"])
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> None:
+    """The flags given on the command line (those not given are None), over the file and the environment."""
+    for s in settings():
+        flag = s.flag
+        value = getattr(args, flag.dest, None) if flag else None
+        if flag is None or value is None:
+            continue
+        if flag.parse is not None:
+            flag.parse(cfg, value)
+        else:
+            set_value(cfg, s.dotted, value, flag.names[0])
+
+
 def coerce(value: Any, f: dataclasses.Field, where: str, text: bool = False) -> Any:
     """The value as the field's type (parsed first when it comes as `text`), or one clear error naming `where`."""
-    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    kind = _kind(f)
     meta = f.metadata
     if text and isinstance(value, str) and kind is not str:
         value = _parse_text(value, kind, where)
@@ -172,6 +322,10 @@ def coerce(value: Any, f: dataclasses.Field, where: str, text: bool = False) -> 
     if meta["choices"] and value not in meta["choices"]:
         raise EdgecamError(f"{where}: {shown(value)} is not one of {', '.join(meta['choices'])}")
     return value
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
 
 
 def _parse_text(text: str, kind: type, where: str) -> Any:
@@ -360,14 +514,18 @@ def to_toml(cfg: Config, redact: bool = True) -> str:
 def describe_keys() -> str:
     """Every key with its default and meaning: the commented default config file."""
     out = []
-    cfg = Config()
-    for section, target in [(None, cfg), *((s, getattr(cfg, s)) for s in SECTIONS)]:
-        if section:
+    section = ""
+    for s in settings():
+        if s.section and s.section != section:
+            section = s.section
             out += ["", f"[{section}]"]
-        for key, f in _fields(target).items():
-            out.append(f"# {f.metadata['help']}  (env {env_name(section, key)})")
-            out.append(f"# {key} = {to_toml_value(getattr(target, key))}")
-    return "\n".join(out).lstrip("\n") + "\n"
+        also = "".join((
+            f", flag {s.flag.names[0]}" if s.flag else "",
+            ", settable by command" if s.settable else "",
+        ))
+        out.append(f"# {s.help}  (env {s.env}{also})")
+        out.append(f"# {s.key} = {to_toml_value(s.field.default)}")
+    return "\n".join(out) + "\n"
 
 
 def to_toml_value(v: Any) -> str:

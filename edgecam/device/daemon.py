@@ -7,7 +7,6 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from edgecam.core.preprocess import Box, to_input
 from edgecam.core.render import overlay, resize_picture
 from edgecam.device.capture import Capture
 from edgecam.device.clock import clock_synced
-from edgecam.device.commands import Command, CommandError, RateLimit, parse, reply
+from edgecam.device.commands import MAX_CLASSES, Command, CommandError, Inbox, reply
 from edgecam.device.config import Config
 from edgecam.device.mqtt import Sink
 from edgecam.device.notify import Notifier
@@ -33,7 +32,7 @@ from edgecam.device.policy import EveryN, PublishPolicy
 from edgecam.device.sources import Frame, SourceEnded
 from edgecam.device.stats import StageTimes, cpu_temperature, stats_payload
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 # The method behind every result's maps and the explain command's, chosen from the one registry.
 # Only a method of cost "frame" fits the frame budget: the CAM comes from the prediction's own
@@ -127,7 +126,26 @@ def overlay_jpeg(picture: Picture, cam: np.ndarray, cfg: Config) -> bytes:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, clf: Classifier, capture: Capture, sink: Sink, runtime: str = "") -> None:
+    """The frame loop and what it answers to.
+
+    `inbox`: commands the sink received (the sink was given `inbox.receive`); `reply`: how the
+    loop answers them; `reload_check`: called on SIGHUP, raises EdgecamError when the new
+    configuration is not usable; `overlays_changed`: told when a command turns overlays on or off.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        clf: Classifier,
+        capture: Capture,
+        sink: Sink,
+        runtime: str = "",
+        *,
+        inbox: Inbox | None = None,
+        reply: Callable[[bytes], None] | None = None,
+        reload_check: Callable[[], object] | None = None,
+        overlays_changed: Callable[[bool], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.clf = clf
         self.capture = capture
@@ -150,13 +168,17 @@ class Daemon:
         self.last_overlay: bytes | None = None
         self.status = "online"
         # Commands arrive on the network thread, checked; the loop applies them between frames.
-        self.inbox: deque[Command] = deque(maxlen=64)
-        self.limiter = RateLimit(cfg.commands.rate)
-        self.commands = {"accepted": 0, "rejected": 0, "dropped": 0}
-        self._dropped_logged = 0.0
-        self.reply: Callable[[bytes], None] = lambda _payload: None
-        self.overlays_changed: Callable[[bool], None] = lambda _on: None  # Home Assistant's image entity
-        self.reload_check: Callable[[], None] | None = None
+        self.inbox = inbox or Inbox(clf.labels, cfg.commands.rate)
+        self.reply: Callable[[bytes], None] = reply or (lambda _payload: None)
+        self.reload_check = reload_check
+        self.overlays_changed = overlays_changed or (lambda _on: None)  # Home Assistant's image entity
+        self.handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
+            "explain": self._explain,
+            "snapshot": self._snapshot,
+            "set": self._set,
+            "ping": self._ping,
+        }
+        self.next_frame = 0.0  # monotonic time the next frame may be taken (loop.max_fps)
         self.notifier = Notifier()
         self.finisher: Stage[Inferred] = Stage("finisher", self.finish)
         self.prefetch: Prefetch[Prepared | None] = Prefetch("prefetch", self.prepare)
@@ -185,56 +207,48 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
+        # A reload blocks SIGHUP across the exec (the mask survives it): one that came meanwhile is
+        # pending, and is handled here, now that there is a handler, instead of killing the process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
-    # -- commands (network thread) -----------------------------------------------------------
-    def on_command(self, payload: bytes) -> None:
-        if not self.limiter.allow():
-            self.commands["dropped"] += 1
-            now = time.monotonic()
-            if now - self._dropped_logged > 10:
-                self._dropped_logged = now
-                log.warning("commands: too many; dropped %d so far (limit %g/s)", self.commands["dropped"],
-                            self.cfg.commands.rate)
-            return
-        try:
-            cmd = parse(payload, self.clf.labels)
-        except CommandError as exc:
-            self.commands["rejected"] += 1
-            log.warning("commands: rejected: %s", exc)
-            self.reply(reply(getattr(exc, "id", None), False, error=str(exc)))
-            return
-        except Exception as exc:  # a command must never take the network thread down with it
-            self.commands["rejected"] += 1
-            log.error("commands: could not handle a command: %r", exc)
-            self.reply(reply(None, False, error="internal error handling this command"))
-            return
-        self.commands["accepted"] += 1
-        if cmd.cmd == "ping":
-            self.reply(reply(cmd.id, True, cmd="ping", device=self.device, boot=self.boot, seq=self.seq,
-                             uptime_s=round(time.monotonic() - self.started, 1), status=self.status))
-            return
-        self.inbox.append(cmd)
-
+    # -- commands (the loop, between frames) -------------------------------------------------
     def apply_commands(self) -> None:
-        # Applied between frames; `seq` in the reply is the last result made before, so a
-        # consumer knows exactly which results the command shaped (those after it).
-        if self.inbox:
+        # `seq` in the reply is the last result made before, so a consumer knows exactly which
+        # results the command shaped (those after it).
+        cmds = self.inbox.take()
+        if cmds:
             # Frames already handed to the finisher were inferred before the command: finish
             # them first, so that `seq` below is exactly the last result the command did not shape.
             self.finisher.wait()
-        while self.inbox:
-            cmd = self.inbox.popleft()
-            if cmd.cmd == "explain" and cmd.cls is not None:
-                self.requests.classes[cmd.cls] = cmd.frames
-                self.reply(reply(cmd.id, True, cmd="explain", **{"class": cmd.cls}, label=self.clf.labels[cmd.cls],
-                                 frames=cmd.frames, seq=self.seq))
-            elif cmd.cmd == "snapshot":
-                self.snapshot.set()
-                self.reply(reply(cmd.id, True, cmd="snapshot", seq=self.seq))
-            elif cmd.cmd == "set":
-                self.set_knobs(cmd.changes)
-                self.reply(reply(cmd.id, True, cmd="set", **{k: getattr(self.cfg.loop, k) for k in cmd.changes},
-                                 seq=self.seq))
+        for cmd in cmds:
+            try:
+                fields = self.handlers[cmd.cmd](cmd)
+            except CommandError as exc:
+                self.reply(self.inbox.refuse(cmd.id, str(exc)))
+                continue
+            self.inbox.count("accepted")
+            self.reply(reply(cmd.id, True, cmd=cmd.cmd, **fields, seq=self.seq))
+
+    def _explain(self, cmd: Command) -> dict[str, Any]:
+        assert cmd.cls is not None
+        wanted = self.requests.classes
+        if cmd.cls not in wanted and len(wanted) >= MAX_CLASSES:
+            raise CommandError(f"explain: {MAX_CLASSES} classes are asked for already, the most a result carries "
+                               "besides its top-1; ask again when their frames have passed")
+        wanted[cmd.cls] = cmd.frames
+        return {"class": cmd.cls, "label": self.clf.labels[cmd.cls], "frames": cmd.frames}
+
+    def _snapshot(self, cmd: Command) -> dict[str, Any]:
+        self.snapshot.set()
+        return {}
+
+    def _set(self, cmd: Command) -> dict[str, Any]:
+        self.set_knobs(cmd.changes)
+        return {k: getattr(self.cfg.loop, k) for k in cmd.changes}
+
+    def _ping(self, cmd: Command) -> dict[str, Any]:
+        return {"device": self.device, "boot": self.boot, "uptime_s": round(time.monotonic() - self.started, 1),
+                "status": self.status}
 
     def set_knobs(self, changes: dict[str, Any]) -> None:
         lp = self.cfg.loop
@@ -245,6 +259,9 @@ class Daemon:
         if "overlay_every" in changes:
             self.overlays = EveryN(lp.overlay_every)
             self.overlays_changed(lp.overlay_every > 0)
+        if "max_fps" in changes:
+            # The next frame was timed at the old rate (at 0.001 fps, 1000 s away): the new one starts now.
+            self.next_frame = 0.0
         log.info("commands: set %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
     # -- the loop ------------------------------------------------------------------------------
@@ -281,36 +298,36 @@ class Daemon:
         """Frames until stopped, the source ends, or `max_frames` (0: no limit) more were inferred."""
         lp = self.cfg.loop
         next_stats = time.monotonic() + min(lp.stats_interval, 2.0)
-        next_frame = 0.0
         done = 0
         while not self.stop.is_set():
             self.notifier.watchdog()
             self.apply_commands()
             period = 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
             now = time.monotonic()
-            if period and now < next_frame:
-                self.stop.wait(min(next_frame - now, 0.25))
-                continue
-            try:
-                job = self.prefetch.get(self.stop)
-            except SourceEnded:
-                if not self.stop.is_set():
-                    log.info("source: %s ended", self.capture.source.description)
-                break
-            self.update_status()
-            if job is not None:
-                next_frame = max(next_frame + period, time.monotonic()) if period else 0.0
-                if not period and not (max_frames and done + 1 >= max_frames):
-                    # Flat out: the next frame is read and scaled while this one is in invoke(),
-                    # started so that it is ready as invoke() ends, not earlier: a frame taken
-                    # at once would wait out the whole invoke() and be that much older.
-                    lead = self._infer_ms - self._pre_ms - 0.2
-                    self.prefetch.request(time.monotonic() + max(lead, 0.0) / 1e3)
-                self.step(job)
-                self._pre_ms += 0.1 * (job.pre_ms - self._pre_ms)
-                done += 1
-                if max_frames and done >= max_frames:
+            if period and now < self.next_frame:
+                # Short waits: commands (a new max_fps among them) and stats go on meanwhile.
+                self.stop.wait(min(self.next_frame - now, 0.25))
+            else:
+                try:
+                    job = self.prefetch.get(self.stop)
+                except SourceEnded:
+                    if not self.stop.is_set():
+                        log.info("source: %s ended", self.capture.source.description)
                     break
+                self.update_status()
+                if job is not None:
+                    self.next_frame = max(self.next_frame + period, time.monotonic()) if period else 0.0
+                    if not period and not (max_frames and done + 1 >= max_frames):
+                        # Flat out: the next frame is read and scaled while this one is in invoke(),
+                        # started so that it is ready as invoke() ends, not earlier: a frame taken
+                        # at once would wait out the whole invoke() and be that much older.
+                        lead = self._infer_ms - self._pre_ms - 0.2
+                        self.prefetch.request(time.monotonic() + max(lead, 0.0) / 1e3)
+                    self.step(job)
+                    self._pre_ms += 0.1 * (job.pre_ms - self._pre_ms)
+                    done += 1
+                    if max_frames and done >= max_frames:
+                        break
             if time.monotonic() >= next_stats:
                 self.publish_stats()
                 next_stats = time.monotonic() + lp.stats_interval
@@ -414,7 +431,7 @@ class Daemon:
                 "acked": counts.get("acked", 0),
             },
             "spool": {k: v for k, v in counts.items() if k in SPOOL_KEYS},
-            "commands": dict(self.commands),
+            "commands": self.inbox.counts(),
             "mqtt": {"connected": self.sink.connected, "connects": counts.get("connects", 0)},
             "timing_ms": self.times.medians(),
             "model": self.clf.name,

@@ -64,7 +64,7 @@ class MqttSink:
         spool: Spool,
         password: str | None = None,
         spool_overlays: bool = False,
-        on_command: Callable[[bytes], None] | None = None,
+        on_command: Callable[[bytes], bytes | None] | None = None,
         discovery: list[tuple[str, bytes]] | None = None,
         ha_status_topic: str = "homeassistant/status",
     ) -> None:
@@ -143,7 +143,10 @@ class MqttSink:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_command is not None and msg.topic == self.topics[CMD]:
-            self.on_command(bytes(msg.payload))
+            # The callback answers at once only when it refuses; accepted commands are answered later.
+            answer = self.on_command(bytes(msg.payload))
+            if answer is not None:
+                self.reply(answer)
         elif self.discovery and msg.topic == self.ha_status_topic and bytes(msg.payload).strip() == b"online":
             log.info("homeassistant: it came online; publishing discovery and the latest result again")
             self._announce(client)

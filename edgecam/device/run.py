@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from edgecam.broker import split_broker
 from edgecam.core.errors import EdgecamError
 from edgecam.device import config, discovery
 from edgecam.device.capture import Capture
@@ -16,45 +18,11 @@ from edgecam.device.config import Config
 from edgecam.device.sources import Source, SourceError, make_source, open_auto
 from edgecam.device.spool import Quota, Spool
 
-log = logging.getLogger("edgecam")
-
-# flag attribute -> config key
-FLAG_KEYS = {
-    "source_fps": "source.fps",
-    "device_id": "device_id",
-    "prefix": "mqtt.prefix",
-    "model": "model.name",
-    "threads": "model.threads",
-    "max_fps": "loop.max_fps",
-    "publish": "loop.publish",
-    "overlay_every": "loop.overlay_every",
-}
-
-
-def source_from_spec(cfg: Config, spec: str) -> None:
-    """--source: a word, a directory, or what OpenCV opens."""
-    if spec in ("auto", "picamera2"):
-        cfg.source.kind, cfg.source.uri = spec, ""
-    elif Path(spec).is_dir():
-        cfg.source.kind, cfg.source.uri = "folder", spec
-    else:
-        cfg.source.kind, cfg.source.uri = "opencv", spec
-
+log = logging.getLogger(__name__)
 
 def effective_config(args: argparse.Namespace) -> tuple[Config, str]:
     cfg, origin = config.load(args.config)
-    if args.source:
-        source_from_spec(cfg, args.source)
-    if args.once:
-        cfg.source.repeat = False
-    if args.broker:
-        cfg.mqtt.host, cfg.mqtt.port = split_broker(args.broker, cfg.mqtt.port)
-    if args.no_mqtt:
-        cfg.mqtt.enabled = False
-    for attr, key in FLAG_KEYS.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            config.set_value(cfg, key, value, "--" + attr.replace("_", "-"))
+    config.apply_flags(cfg, args)
     config.validate(cfg)
     return cfg, origin
 
@@ -124,6 +92,7 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 def run_daemon(args: argparse.Namespace) -> int:
     from edgecam.core.manifest import resolve
     from edgecam.core.model import Classifier
+    from edgecam.device.commands import Inbox
     from edgecam.device.daemon import Daemon
     from edgecam.device.mqtt import MqttSink, StdoutSink
 
@@ -136,31 +105,36 @@ def run_daemon(args: argparse.Namespace) -> int:
     clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name, normalization=stated)
     for warning in clf.warnings:
         log.warning("model: %s", warning)
+    inbox = Inbox(clf.labels, cfg.commands.rate)
     sink: MqttSink | StdoutSink
-    daemon: Daemon
+    overlays_changed: Callable[[bool], None] | None = None
     if cfg.mqtt.enabled:
-        on_command = (lambda payload: daemon.on_command(payload)) if commands_enabled(cfg) else None
         ha = cfg.homeassistant
 
         def ha_configs(overlays: bool) -> list[tuple[str, bytes]]:
             return discovery.configs(cfg.mqtt.prefix, cfg.device, clf.name, ha.prefix, overlays)
 
         announce = ha_configs(cfg.loop.overlay_every > 0) if ha.discovery else None
-        sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg), config.password(cfg.mqtt), cfg.spool.overlays,
-                        on_command, announce, f"{ha.prefix}/status")
+        mqtt_sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg), config.password(cfg.mqtt), cfg.spool.overlays,
+                             inbox.receive if commands_enabled(cfg) else None, announce, f"{ha.prefix}/status")
+        sink = mqtt_sink
+        if ha.discovery:
+            # A command that turns overlays on or off adds or removes the image entity.
+            def rediscover(on: bool) -> None:
+                mqtt_sink.set_discovery(ha_configs(on))
+
+            overlays_changed = rediscover
     else:
         sink = StdoutSink()
     capture = open_capture(cfg, (clf.input.width, clf.input.height))
     # Logged once set-up has worked, so a set-up error stays the only line.
     log.info("config: %s", origin)
-    daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime))
-    if isinstance(sink, MqttSink):
-        daemon.reply = sink.reply
-        if sink.discovery:
-            daemon.overlays_changed = lambda on, s=sink: s.set_discovery(ha_configs(on))
-        if commands_enabled(cfg):
-            log.info("commands: on, %s", sink.topics["cmd"])
-    daemon.reload_check = lambda: effective_config(args)
+    daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime), inbox=inbox,
+                    reply=sink.reply if isinstance(sink, MqttSink) else None,
+                    reload_check=functools.partial(effective_config, args),
+                    overlays_changed=overlays_changed)
+    if isinstance(sink, MqttSink) and commands_enabled(cfg):
+        log.info("commands: on, %s", sink.topics["cmd"])
     daemon.install_signals()
     left = daemon.run(args.max_frames)
     if left:
@@ -184,6 +158,9 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 def restart_in_place() -> None:
     """SIGHUP: the same process (same PID, so systemd keeps tracking it) starts over with the new config."""
+    # SIGHUP stays blocked across the exec until the new process has its handler: a second reload
+    # right behind this one waits for it instead of killing the process before it can catch it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     logging.shutdown()
     argv = [sys.executable, "-m", "edgecam", *sys.argv[1:]]
     os.execv(sys.executable, argv)
