@@ -176,7 +176,7 @@ def test_a_new_max_fps_takes_effect_at_once(broker: Broker, daemons, cat_folder:
     publish(broker.port, cmd, json.dumps({"cmd": "set", "max_fps": 0.001, "id": "slow"}))
     slow = reply_to(rec, "slow")
     assert slow["ok"] and slow["max_fps"] == 0.001
-    # Slow now: at most the one frame the new rate allows at once, and stats go on meanwhile.
+    # Slow now: at most the one frame the new rate allows (1000 s after the last), and stats go on meanwhile.
     n_stats = len(rec.on("stats"))
     assert rec.wait_for(lambda _m: len(rec.on("stats")) >= n_stats + 3, 20), d.log()
     slow_results = [r["seq"] for r in rec.results() if r["seq"] > slow["seq"]]

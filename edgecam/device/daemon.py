@@ -179,6 +179,7 @@ class Daemon:
             "ping": self._ping,
         }
         self.next_frame = 0.0  # monotonic time the next frame may be taken (loop.max_fps)
+        self.last_frame = 0.0  # monotonic time the last one was
         self.notifier = Notifier()
         self.finisher: Stage[Inferred] = Stage("finisher", self.finish)
         self.prefetch: Prefetch[Prepared | None] = Prefetch("prefetch", self.prepare)
@@ -260,8 +261,8 @@ class Daemon:
             self.overlays = EveryN(lp.overlay_every)
             self.overlays_changed(lp.overlay_every > 0)
         if "max_fps" in changes:
-            # The next frame was timed at the old rate (at 0.001 fps, 1000 s away): the new one starts now.
-            self.next_frame = 0.0
+            # The next frame was timed at the old rate (at 0.001 fps, 1000 s away): time it at the new one.
+            self.next_frame = self.last_frame + 1.0 / lp.max_fps if lp.max_fps > 0 else 0.0
         log.info("commands: set %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
     # -- the loop ------------------------------------------------------------------------------
@@ -316,7 +317,8 @@ class Daemon:
                     break
                 self.update_status()
                 if job is not None:
-                    self.next_frame = max(self.next_frame + period, time.monotonic()) if period else 0.0
+                    self.last_frame = time.monotonic()
+                    self.next_frame = max(self.next_frame + period, self.last_frame) if period else 0.0
                     if not period and not (max_frames and done + 1 >= max_frames):
                         # Flat out: the next frame is read and scaled while this one is in invoke(),
                         # started so that it is ready as invoke() ends, not earlier: a frame taken
