@@ -556,7 +556,7 @@ def test_configuration_page_names_every_key_env_and_flag() -> None:
 # wrongly in config.py (stats_interval from 0, say) fails here.
 PINNED_RANGES: dict[str, tuple[float, float]] = {
     "source.fps": (0, 240), "source.width": (16, 8192), "source.height": (16, 8192),
-    "source.read_timeout": (0.1, 600), "model.threads": (1, 64),
+    "source.read_timeout": (0.1, 600), "source.max_pixels": (1, 1_000_000_000), "model.threads": (1, 64),
     "loop.max_fps": (0, 1000), "loop.change_delta": (0, 1), "loop.heartbeat": (0.1, 86400),
     "loop.overlay_every": (0, 1_000_000), "loop.overlay_width": (16, 4096), "loop.overlay_height": (16, 4096),
     "loop.jpeg_quality": (1, 100), "loop.heatmap_width": (0, 64), "loop.heatmap_height": (0, 64),
@@ -571,9 +571,9 @@ PINNED_CHOICES: dict[str, tuple[str, ...]] = {
     "loop.overlay_style": ("blend", "dim"), "mqtt.protocol": ("3.1.1", "5"),
     "spool.policy": ("drop_oldest", "drop_newest"), "commands.enabled": ("auto", "on", "off"),
 }
-WHOLE = {"source.width", "source.height", "model.threads", "loop.overlay_every", "loop.overlay_width",
-         "loop.overlay_height", "loop.jpeg_quality", "loop.heatmap_width", "loop.heatmap_height", "mqtt.port",
-         "mqtt.qos", "mqtt.keepalive", "mqtt.max_queued"}
+WHOLE = {"source.width", "source.height", "source.max_pixels", "model.threads", "loop.overlay_every",
+         "loop.overlay_width", "loop.overlay_height", "loop.jpeg_quality", "loop.heatmap_width",
+         "loop.heatmap_height", "mqtt.port", "mqtt.qos", "mqtt.keepalive", "mqtt.max_queued"}
 
 
 def _one(key: str, value: Any) -> str:
