@@ -161,6 +161,13 @@ def test_a_command_from_another_site_never_reaches_the_device(dashboard: Callabl
     assert [c["cmd"] for c in device.commands] == ["ping", "ping"], device.commands
 
 
+def test_the_page_cannot_be_framed_by_another_site(dashboard: Callable[..., Dashboard]) -> None:
+    status, headers, _ = dashboard().get("/")
+    assert status == 200
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    assert headers["referrer-policy"] == "no-referrer"  # the token in the page's address goes nowhere
+
+
 def test_a_foreign_host_is_refused_everywhere(dashboard: Callable[..., Dashboard]) -> None:
     dash = dashboard("--allow-host", "cams.example", "--allow-host", "pi4.lan.")
     for path in ("/api/state", "/", "/events", "/overlay/cam-1.jpg", "/healthz"):

@@ -338,7 +338,10 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self._send(200, page(), "text/html; charset=utf-8",
                        {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+                        # Framed in another site's page, the command form could be clicked through it.
+                        "frame-ancestors 'none'",
+                        "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"})
         elif path == "/api/state":
             self._json(200, self.hub.snapshot())
         elif path == "/events":
