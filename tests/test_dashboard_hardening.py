@@ -227,10 +227,8 @@ def test_the_token_is_checked_before_a_body_is_read(dashboard: Callable[..., Das
         # The headers announce a body that never comes: the answer must not wait for it.
         s.sendall(f"POST /api/cmd HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\nContent-Type: application/json\r\n"
                   "Content-Length: 4000\r\n\r\n".encode())
-        start = time.monotonic()
-        status, head, body = read_response(s)
+        status, head, body = read_response(s)  # timed out instead, it would close with no answer
     assert status == 401 and "token" in one_line(body), body
-    assert time.monotonic() - start < REQUEST_TIMEOUT_S  # answered, not timed out
     assert re.search(r"(?im)^connection: close", head)  # the body is unread: this connection is done
 
 
