@@ -33,6 +33,8 @@ _DEVICE_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_DEVICE_ID - 1}}}")
 # The prefix is one topic level too, but a deployment may already use any printable name for it.
 MAX_PREFIX = 128
 PREFIX_RULE = f"one MQTT topic level: 1 to {MAX_PREFIX} printable characters, no / + #, no surrounding spaces"
+NESTED_PREFIX_RULE = (f"topic levels joined by /: 1 to {MAX_PREFIX} printable characters, no + #, no empty level, "
+                      "no surrounding spaces")
 
 # Topic names under <prefix>/<device>/.
 RESULT = "result"
@@ -76,19 +78,18 @@ def device_id_from(name: str, fallback: str = "edgecam") -> str:
     return text if is_device_id(text) else fallback
 
 
-def is_prefix(text: object) -> bool:
-    return (
-        isinstance(text, str)
-        and 0 < len(text) <= MAX_PREFIX
-        and text.isprintable()
-        and text.strip() == text
-        and not any(c in text for c in "/+#")
-    )
+def is_prefix(text: object, nested: bool = False) -> bool:
+    """A topic prefix: one level, or with `nested` (Home Assistant's discovery prefix) levels joined by '/'."""
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_PREFIX or not text.isprintable():
+        return False
+    levels = text.split("/") if nested else [text]
+    return text.strip() == text and all(levels) and not any(c in text for c in ("+#" if nested else "/+#"))
 
 
-def check_prefix(text: str, where: str = "prefix") -> str:
-    if not is_prefix(text):
-        raise ContractError(f"{where}: {shown(text)} is not a usable topic prefix ({PREFIX_RULE})")
+def check_prefix(text: str, where: str = "prefix", nested: bool = False) -> str:
+    if not is_prefix(text, nested):
+        rule = NESTED_PREFIX_RULE if nested else PREFIX_RULE
+        raise ContractError(f"{where}: {shown(text)} is not a usable topic prefix ({rule})")
     return text
 
 

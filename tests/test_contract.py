@@ -88,6 +88,20 @@ def test_prefixes_the_rule_allows(prefix: str) -> None:
     assert check_prefix(prefix) == prefix
 
 
+@pytest.mark.parametrize("prefix", ["", "/ha", "ha/", "a//b", "h+", "#", " ha", "ha\x1b", "h" * 70_000])
+def test_the_discovery_prefix_is_checked_by_the_same_rule(prefix: str) -> None:
+    cfg = config.Config()
+    cfg.homeassistant.prefix = prefix
+    with pytest.raises(EdgecamError, match=r"^homeassistant\.prefix: "):
+        config.validate(cfg)
+
+
+def test_the_discovery_prefix_may_have_levels() -> None:
+    cfg = config.Config()
+    cfg.homeassistant.prefix = "site 9/homeassistant"
+    config.validate(cfg)
+
+
 # -- the consumers ----------------------------------------------------------------------------
 
 

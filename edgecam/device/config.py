@@ -462,9 +462,7 @@ def validate(cfg: Config) -> None:
             raise EdgecamError(f"mqtt.{key}: {shown(value, 200)}: no such file")
     if bool(m.cert_file) != bool(m.key_file):
         raise EdgecamError("mqtt.cert_file and mqtt.key_file go together")
-    ha = cfg.homeassistant.prefix
-    if not ha or any(c in ha for c in "+#") or ha.strip() != ha or ha.startswith("/") or ha.endswith("/"):
-        raise EdgecamError(f"homeassistant.prefix: {shown(ha)} is not a usable topic prefix")
+    check_prefix(cfg.homeassistant.prefix, "homeassistant.prefix", nested=True)
     check_device_id(cfg.device, "device_id")
     check_prefix(m.prefix, "mqtt.prefix")
     lp = cfg.loop
