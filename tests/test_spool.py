@@ -445,7 +445,7 @@ def test_corrupt_file_is_moved_aside(
     assert aside[0].read_bytes() == garbage
     assert path.read_bytes()[:16] == b"SQLite format 3\x00"  # a new spool in its place
 
-    errors = [r for r in caplog.records if r.name == "edgecam" and r.levelno == logging.ERROR]
+    errors = [r for r in caplog.records if r.name.startswith("edgecam") and r.levelno == logging.ERROR]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     text = errors[0].getMessage()
     assert str(path) in text
@@ -804,7 +804,7 @@ class Feeder:
 
 
 def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "edgecam" and r.levelno >= logging.ERROR]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("edgecam") and r.levelno >= logging.ERROR]
 
 
 def rows_in_file(path: Path, ids: list[int] | None = None) -> int:

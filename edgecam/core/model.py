@@ -7,7 +7,6 @@ same invoke() that produces the scores; no debug mode keeps every tensor alive.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from edgecam.core.tflite_graph import (
     repair_quantized_dimensions,
     with_outputs,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,6 @@ from edgecam.core.preprocess import Box
 STYLES = ("blend", "dim")
 
 
-def upsample(cam: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The raw map resized to width x height (bicubic, as the coarse grid is smooth by nature)."""
-    return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
-
-
 def resize_picture(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Downscaling for pictures people look at, cheap at any factor.
 
@@ -55,11 +50,6 @@ _JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COL
 def jet_u8(heat: np.ndarray) -> np.ndarray:
     """BGR JET colouring of a 0..255 map."""
     return cv2.LUT(cv2.cvtColor(heat, cv2.COLOR_GRAY2BGR), _JET)
-
-
-def jet(heat01: np.ndarray) -> np.ndarray:
-    """BGR JET colouring of a 0..1 map."""
-    return jet_u8(cv2.convertScaleAbs(heat01, alpha=255.0))
 
 
 def overlay(

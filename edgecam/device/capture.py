@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from edgecam.core.errors import EdgecamError
 from edgecam.device.sources import Frame, Source, SourceEnded, SourceError
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 MAX_STUCK = 3  # abandoned capture threads, before edgecam stops starting new ones
 

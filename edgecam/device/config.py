@@ -268,11 +268,6 @@ def settable() -> dict[str, Setting]:
     return found
 
 
-def flag_keys() -> dict[str, str]:
-    """Flag attribute -> config key, for the flags that set one key from their text."""
-    return {s.flag.dest: s.dotted for s in settings() if s.flag and s.flag.const is None and s.flag.parse is None}
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Each declared flag on `parser`; values are checked as the setting's own (range, choices) when applied."""
     for s in settings():

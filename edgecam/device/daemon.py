@@ -23,7 +23,7 @@ from edgecam.core.preprocess import Box, to_input
 from edgecam.core.render import overlay, resize_picture
 from edgecam.device.capture import Capture
 from edgecam.device.clock import clock_synced
-from edgecam.device.commands import MAX_CLASSES, Command, CommandError, Inbox, reply
+from edgecam.device.commands import CHECKS, MAX_CLASSES, Command, CommandError, Inbox, reply
 from edgecam.device.config import Config
 from edgecam.device.mqtt import Sink
 from edgecam.device.notify import Notifier
@@ -178,6 +178,8 @@ class Daemon:
             "set": self._set,
             "ping": self._ping,
         }
+        # One handler for each command the parser knows, no more and no fewer.
+        assert set(self.handlers) == set(CHECKS), sorted(set(self.handlers) ^ set(CHECKS))
         self.next_frame = 0.0  # monotonic time the next frame may be taken (loop.max_fps)
         self.last_frame = 0.0  # monotonic time the last one was
         self.notifier = Notifier()

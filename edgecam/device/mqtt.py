@@ -35,7 +35,7 @@ from edgecam.contract import CMD, CMD_REPLY, OVERLAY, RESULT, STATS, STATUS, TOP
 from edgecam.device.config import MqttConfig, broker_options
 from edgecam.device.spool import Spool
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 WINDOW = 16  # results in flight (published, not yet acknowledged)
 

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Mapping
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 
 class Notifier:

@@ -9,14 +9,11 @@ not finished was never counted as a result, so `seq` has no holes).
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _STOP = object()

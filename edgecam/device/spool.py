@@ -31,7 +31,7 @@ from pathlib import Path
 
 from edgecam.device.clock import Clocks
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 # Room the spool leaves free on its filesystem: RESERVE_SHARE of it, at most RESERVE_MAX, and
 # never less than deleting needs (the WAL can grow by its limit before it is folded back, plus

@@ -11,7 +11,6 @@ This lives in the device layer because core has no threads (tests/test_architect
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,6 @@ from edgecam.core.methods import Scorer
 from edgecam.core.methods.base import CHUNK, masked
 from edgecam.core.model import Classifier
 from edgecam.core.runtime import make_interpreter
-
-log = logging.getLogger(__name__)
 
 MAX_WORKERS = 16
 

@@ -63,7 +63,7 @@ from edgecam.web.guard import (
     redact,
 )
 
-log = logging.getLogger("edgecam")
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0
 STREAM_CHECK_S = 1.0  # how soon a stream notices its browser has gone
