@@ -249,3 +249,17 @@ def test_stages_skip_padded_copies() -> None:
     clf = Classifier(MODELS / "more" / "pytorch_mobilenet_v2_quantized_1x3x224x224.tflite")
     assert [s.shape[1] for s in stages(clf)] == [112, 56, 28, 14, 7]
     assert [s.shape[1] for s in stages(Classifier(DEFAULT_MODEL))] == [112, 56, 28, 14, 7]
+
+
+@pytest.mark.model
+def test_the_command_line_explains_with_each_model_in_more(model_cache: Path) -> None:
+    # Every method runs on every model in-process above; here each loadable model of more/ once from
+    # the command line, the methods taken in turn, so the flags and the model's own input reach them.
+    more = [p for p in _loadable() if p.parent.name == "more"]
+    for k, path in enumerate(more):
+        name = list(FEW)[k % len(FEW)]
+        flags = [f"--{key}={value}" for key, value in FEW[name].items()]
+        proc = run_cli("explain", "--model", path, "--method", name, *flags, "--json", IMAGES / "bird.bmp")
+        assert proc.returncode == 0, (path.name, proc.stderr)
+        obj = json.loads(proc.stdout)
+        assert obj["method"] == name and np.all(np.isfinite(np.array(obj["cams"][0]["map"]))), path.name
