@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecam.core.methods.base import Maps, Method, Scorer, check_range, fine_grid, grey, mask_scores, to_grid
+from edgecam.core.methods.base import (
+    CHUNK,
+    Maps,
+    Method,
+    Scorer,
+    check_range,
+    fine_grid,
+    grey,
+    mask_scores,
+    to_grid,
+)
 from edgecam.core.methods.superpixels import slic, to_lab
 from edgecam.core.model import Classifier, Inference
 
@@ -64,8 +74,9 @@ class Lime(Method):
         z[0] = 1.0
         fill = grey(clf.input)
         on = z.astype(np.float32)
+        step = CHUNK * max(1, scorer.workers)  # the samples' masks made a step at a time, not all at once
         scores = np.concatenate([
-            mask_scores(scorer, x, on[i : i + 64][:, labels], fill) for i in range(0, self.samples, 64)
+            mask_scores(scorer, x, on[i : i + step][:, labels], fill) for i in range(0, self.samples, step)
         ])[:, classes]
         coef = weighted_ridge(z, scores.astype(np.float64), kernel(z.sum(axis=1), n_seg))  # [segments, classes]
         pixel_maps = coef.T[:, labels]  # [classes, H, W]
