@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME_OR_ID",
-        help="also compute the CAM of this class (repeatable)",
+        help="also explain this class, with the same method (repeatable)",
     )
     ex.add_argument("--out", "-o", type=Path, help="write overlay images into this directory")
     ex.add_argument("--style", choices=("blend", "dim", "both"), default="both", help="overlay style (default both)")
