@@ -160,3 +160,18 @@ def test_header_limit_check_is_one_line_for_explain(tmp_path: Path) -> None:
     proc = run_cli("layers", "--model", DEFAULT_MODEL, bmp, "--out", tmp_path)
     assert proc.returncode == 2
     one_error_line(proc, "30000x30000 is 900.0 megapixels")
+
+
+def test_jpeg_with_a_large_icc_profile_before_its_size(tmp_path: Path) -> None:
+    """Phones and editors put ICC profiles (in 64 KB APP2 pieces) before the frame header: the size
+    is found past the first 64 KB read, not mistaken for an unreadable file."""
+    ok, data = cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))
+    assert ok
+    piece = b"ICC_PROFILE\0" + b"\x01\x04" + b"\0" * 65000
+    app2 = (b"\xff\xe2" + struct.pack(">H", len(piece) + 2) + piece) * 4
+    path = tmp_path / "icc.jpg"
+    path.write_bytes(data.tobytes()[:2] + app2 + data.tobytes()[2:])
+    assert path.stat().st_size > 250_000
+    assert read_image(path).shape == (120, 160, 3)
+    with pytest.raises(ImageRefused, match="160x120"):
+        read_image(path, 1000)

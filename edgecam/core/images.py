@@ -52,7 +52,7 @@ def image_size(head: bytes, read_at: Callable[[int, int], bytes] | None = None) 
         if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
             return struct.unpack(">II", head[16:24])
         if head.startswith(b"\xff\xd8"):
-            return _jpeg_size(head)
+            return _jpeg_size(read_at or (lambda at, n: head[at : at + n]))
         if head.startswith(b"BM"):
             header = struct.unpack("<I", head[14:18])[0]
             if header == 12:  # BITMAPCOREHEADER
@@ -71,24 +71,28 @@ def image_size(head: bytes, read_at: Callable[[int, int], bytes] | None = None) 
     return None
 
 
-def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+def _jpeg_size(read_at: Callable[[int, int], bytes]) -> tuple[int, int] | None:
+    """The frame size from the SOF segment, skipping every segment before it by its length: APPn
+    segments (EXIF and its thumbnail, ICC profiles in 64 KB pieces) can hold far more than a header."""
     pos = 2
-    while pos + 4 <= len(head):
-        if head[pos] != 0xFF:
+    for _ in range(100_000):
+        marker = read_at(pos, 4)
+        if len(marker) < 2 or marker[0] != 0xFF:
             return None
-        marker = head[pos + 1]
-        if marker == 0xFF:  # fill byte
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+        if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:
             pos += 2
             continue
-        length = struct.unpack(">H", head[pos + 2 : pos + 4])[0]
+        if len(marker) < 4:
+            return None
         # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", head[pos + 5 : pos + 9])
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", read_at(pos + 5, 4))
             return w, h
-        pos += 2 + length  # APPn (EXIF thumbnails included) and tables are skipped whole
+        pos += 2 + struct.unpack(">H", marker[2:4])[0]
     return None
 
 
