@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs edgecam as a hardened systemd service, from this checkout.
-#   sudo bash systemd/install.sh [--mirror DIR_OR_URL] [--prefix DIR] [--python PY]
+#   sudo bash systemd/install.sh [--mirror DIR_OR_URL] [--wheelhouse DIR] [--prefix DIR] [--python PY]
 #   sudo bash systemd/install.sh --uninstall [--purge] [--prefix DIR]
 # Puts the package in its own venv (/opt/edgecam/venv), the default model in /opt/edgecam/models,
 # a commented config in /etc/edgecam/edgecam.toml and a secrets file /etc/edgecam/edgecam.env
 # (root only) when they do not exist (never overwritten), and installs and enables
 # edgecam.service. Running it again changes nothing unless the checkout changed.
+# --wheelhouse DIR installs the Python packages from DIR only (pip --no-index), for a site
+# without internet; with --mirror DIR for the model, the install needs no network at all.
 # --prefix installs into another root (a staging directory, or a test's throw-away root);
 # systemctl is only called for the real root on a running systemd. --uninstall removes the
 # unit and /opt/edgecam, keeping config and state unless --purge.
@@ -15,6 +17,7 @@ src="$(dirname "$here")"
 
 prefix="/"
 mirror="${EDGECAM_MODEL_MIRROR:-}"
+wheelhouse=""
 uninstall=0
 purge=0
 PYTHON="${PYTHON:-python3}"
@@ -22,13 +25,17 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix="${2:?--prefix needs a directory}"; shift 2 ;;
     --mirror) mirror="${2:?--mirror needs a directory or URL}"; shift 2 ;;
+    --wheelhouse) wheelhouse="${2:?--wheelhouse needs a directory of wheels}"; shift 2 ;;
     --python) PYTHON="${2:?--python needs an interpreter}"; shift 2 ;;
     --uninstall) uninstall=1; shift ;;
     --purge) purge=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [ -n "$wheelhouse" ] && [ ! -d "$wheelhouse" ]; then
+  echo "install.sh: --wheelhouse $wheelhouse: no such directory" >&2; exit 2
+fi
 [ "$purge" -eq 0 ] || [ "$uninstall" -eq 1 ] || { echo "install.sh: --purge goes with --uninstall" >&2; exit 2; }
 
 root="${prefix%/}"   # "" for the real root
@@ -69,7 +76,11 @@ fi
 
 # 1. The package, in its own venv; reinstalled only when the checkout's sources changed.
 install -d -m 0755 "$opt" "$opt/models"
-stamp="$(cd "$src" && cat pyproject.toml models/manifest.toml edgecam/*.py | sha256sum | cut -d' ' -f1)"
+# Every file the package is built from, in a fixed order (the subpackages too, and the dashboard's page).
+stamp="$(cd "$src" && find pyproject.toml models/manifest.toml edgecam -type f ! -name '*.pyc' -print0 \
+  | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+pip_source=()
+[ -n "$wheelhouse" ] && pip_source=(--no-index --find-links "$(cd "$wheelhouse" && pwd)")
 venv_args=()
 constraints=()
 if "$PYTHON" -c 'import picamera2' >/dev/null 2>&1; then
@@ -82,7 +93,7 @@ if [ ! -x "$opt/venv/bin/python" ]; then
 fi
 if [ "$(cat "$opt/.installed" 2>/dev/null || true)" != "$stamp" ]; then
   say "installing edgecam into $opt/venv"
-  "$opt/venv/bin/python" -m pip install -q --disable-pip-version-check "${constraints[@]}" "$src" 2>&1 \
+  "$opt/venv/bin/python" -m pip install -q --disable-pip-version-check "${pip_source[@]}" "${constraints[@]}" "$src" 2>&1 \
     | grep -v "^WARNING: Location" || true
   "$opt/venv/bin/python" -c 'import edgecam' || { echo "install.sh: the package install failed" >&2; exit 1; }
   install -m 0644 "$src/README.md" "$opt/README.md"

@@ -79,6 +79,30 @@ def test_without_notify_socket_nothing_is_sent() -> None:
     assert Notifier({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_interval == 0
 
 
+def test_reload_and_ready_feed_the_watchdog(tmp_path: Path) -> None:
+    """A reload restarts the process in place (drain, exec, imports, model load); the lab saw that take
+    over WatchdogSec under emulation, and systemd killed a healthy daemon. RELOADING and READY ping."""
+    from edgecam.device.notify import Notifier
+
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(5)
+
+        def sent(n: Notifier, call: Callable[[Notifier], None]) -> dict[str, str]:
+            call(n)
+            return dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
+
+        on = Notifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "30000000"})
+        off = Notifier({"NOTIFY_SOCKET": str(sock_path)})
+        assert sent(on, lambda n: n.reloading()) == {"RELOADING": "1", "STATUS": "reloading the configuration",
+                                                     "WATCHDOG": "1"}
+        ready = sent(on, lambda n: n.ready("ok"))
+        assert ready["READY"] == "1" and ready["WATCHDOG"] == "1"
+        assert "WATCHDOG" not in sent(off, lambda n: n.reloading())
+        assert "WATCHDOG" not in sent(off, lambda n: n.ready("ok"))
+
+
 def test_unit_security_rating_is_ok() -> None:
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed here (Debian package systemd)")

@@ -51,7 +51,8 @@ class Notifier:
                 self._failed = True
 
     def ready(self, status: str) -> None:
-        self.send(ready=1, status=status, mainpid=os.getpid())
+        # A ping with READY: after a reload the watchdog has been running through the restart.
+        self.send(ready=1, status=status, mainpid=os.getpid(), **self._ping_now())
 
     def status(self, text: str) -> None:
         self.send(status=text)
@@ -69,4 +70,12 @@ class Notifier:
         self.send(stopping=1, status="stopping")
 
     def reloading(self) -> None:
-        self.send(reloading=1, status="reloading the configuration")
+        # The watchdog keeps running through a reload (drain, exec, imports, model load: found
+        # taking over 30 s under emulation), so the reload starts with a fresh ping.
+        self.send(reloading=1, status="reloading the configuration", **self._ping_now())
+
+    def _ping_now(self) -> dict[str, int]:
+        if not self.watchdog_interval:
+            return {}
+        self._next_ping = time.monotonic() + self.watchdog_interval
+        return {"watchdog": 1}
