@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 import smallfs
 from broker import Broker, Recorder
-from conftest import IMAGES, cpu_seconds, wait_until
+from conftest import IMAGES, ROOT, cpu_seconds, wait_until
 from spoolfiles import damage, leaves_of
 
 from edgecam.contract import check_result
@@ -64,7 +66,9 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, daemons) ->
         assert rec.wait_for(lambda m: len(m) >= 5, 60), d.log()
         broker.stop()
         outage_start = time.time()
-        time.sleep(21)
+        # An outage of 20 s, and the daemon live through it: its results pile up in the spool.
+        spool = tmp_path / "state" / "spool-dev-o.db"
+        assert wait_until(lambda: time.time() - outage_start >= 20 and len(spooled(spool)) >= 40, 90, 0.2), d.log()
         assert d.proc.poll() is None, d.log()
         broker.start()
         # Everything made during the outage, then live results again.
@@ -121,7 +125,10 @@ def test_sigkill_during_outage_then_restart_delivers_the_spool(tmp_path: Path, d
         assert rec.wait_for(lambda m: len({json.loads(p)["boot"] for _, p, _ in m}) == 2, 30)
         second.proc.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0, second.log()
-        time.sleep(1)
+        made = int(second.log().rsplit("frames, ", 1)[1].split(" results made")[0])
+        # The new process's last result reached us (through the broker) before we look.
+        assert rec.wait_for(lambda m: any(json.loads(p)["boot"] != waiting[0][0] and json.loads(p)["seq"] == made
+                                          for _, p, _ in m), 30), second.log()
     finally:
         rec.close()
         broker.stop()
@@ -267,6 +274,61 @@ def test_a_failing_spool_disk_is_said_once_not_per_frame(
     assert "cannot write to" in lines[0] and "holding messages in memory" in lines[0]
 
 
+def test_a_wall_clock_stepped_a_week_while_results_wait_loses_none(tmp_path: Path) -> None:
+    # The broker is away and results wait in the spool (age limit: one hour) when NTP steps the wall
+    # clock forward a week (tests/stepped_clock.py). Ages are on CLOCK_BOOTTIME: nothing expires.
+    broker = Broker(tmp_path / "broker", persist=True).start()
+    port = broker.port
+    rec = Recorder(port, "edgecam/dev-n/result", client_id="rec-n", persistent=True)
+    broker.stop()
+    state = tmp_path / "state"
+    conf = tmp_path / "edgecam.toml"
+    conf.write_text("[spool]\nmax_age_hours = 1\n")
+    offset = tmp_path / "wall-offset"
+    offset.write_text("0")
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "stepped_clock.py"), str(offset), "run", "-c", str(conf),
+             "--source", str(IMAGES), "--source-fps", "10", "--broker", f"127.0.0.1:{port}",
+             "--device-id", "dev-n"],
+            stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT,
+            env={**os.environ, **FAST_RECONNECT, "EDGECAM_SPOOL_DIR": str(state)},
+        )
+    spool = state / "spool-dev-n.db"
+
+    def waiting() -> int:
+        try:
+            return len(spooled(spool))
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+
+    try:
+        assert wait_until(lambda: waiting() >= 20, 60, 0.1), log_path.read_text()
+        offset.write_text(str(7 * 86400))  # NTP: the clock was a week behind
+        stepped = waiting()
+        # Results made after the step (their ts a week on) join the ones before it in the spool.
+        assert wait_until(lambda: waiting() >= stepped + 20, 60, 0.1), log_path.read_text()
+        broker.start()
+        assert rec.wait_for(lambda m: len(m) >= stepped + 20, 60), log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+        made = int(log_path.read_text().rsplit("frames, ", 1)[1].split(" results made")[0])
+        assert rec.wait_for(lambda m: any(json.loads(p)["seq"] == made for _, p, _ in m), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        rec.close()
+        broker.stop()
+    results = rec.results()
+    seqs = [s for _, s in first_seen(results)]
+    assert seqs == list(range(1, made + 1))  # every one, in order
+    week = [r for r in results if _epoch(r["ts"]) > time.time() + 6 * 86400]
+    assert week and len(week) < len(results)  # made on both sides of the step
+    assert "Traceback" not in log_path.read_text()
+
+
 def test_results_say_when_the_wall_clock_was_not_set(broker: Broker, daemons) -> None:
     # Whatever this machine's clock state, the results must agree with what the kernel reports
     # (adjtimex's STA_UNSYNC): a Pi before NTP says "unsynced"; a synchronised clock adds nothing.
@@ -294,13 +356,18 @@ def test_missing_camera_runs_degraded_without_spinning(broker: Broker, daemons) 
     assert rec.wait_for(lambda m: any(t.endswith("/stats") for t, _, _ in m), 30)
     stats = json.loads(rec.on("stats")[-1])
     assert stats["state"] == "degraded" and "/dev/video9" in stats["reason"] and stats["status"] == "degraded"
-    start_cpu = cpu_seconds(d.proc.pid)
-    time.sleep(4)
-    assert cpu_seconds(d.proc.pid) - start_cpu < 1.0, "the daemon spins while the camera is missing"
+
+    def tries() -> int:
+        return d.log().count("opening again in")
+
+    # Not spinning, yet live: two more attempts to open the camera within the window measured.
+    before, start, start_cpu = tries(), time.monotonic(), cpu_seconds(d.proc.pid)
+    assert wait_until(lambda: tries() >= before + 2, 30, 0.1), d.log()
+    window = time.monotonic() - start
+    assert cpu_seconds(d.proc.pid) - start_cpu < max(0.25 * window, 0.5), "the daemon spins while the camera is missing"
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait(30) == 0, d.log()
-    tries = [line for line in d.log().splitlines() if "opening again in" in line]
-    assert 2 <= len(tries) <= 8, d.log()
+    assert 2 <= tries() <= 8, d.log()
     rec.close()
 
 
