@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,23 @@ class MemorySource:
         pass
 
 
+class MemoryCamera(MemorySource):
+    """Frames from memory at a camera's rate, read in the capture thread (newest wins)."""
+
+    live = True
+    description = "memory camera 1280x720 at 30 fps"
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
+        super().__init__(frames)
+        self.period = 1.0 / fps
+        self.next = time.monotonic()
+
+    def read(self) -> Frame:
+        self.next += self.period
+        time.sleep(max(0.0, self.next - time.monotonic()))
+        return super().read()
+
+
 def make_daemon(cfg: Config, clf: Classifier, frames: list[np.ndarray], state: Path) -> Daemon:
     """A daemon with its broker connection up, driven block by block through Daemon.frames()."""
     cfg.spool.dir = str(state)
@@ -98,54 +116,66 @@ def peak_rss(frames_dir: Path, n: int, broker: Broker, env: dict[str, str]) -> t
     return usage.ru_maxrss / 1024.0, wall
 
 
-def cpu_seconds(cmd: list[str], env: dict[str, str]) -> float:
-    """User + system CPU of a process run to its end."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
-    return usage.ru_utime + usage.ru_stime
+def child(kind: str, seconds: float, fps: float, port: int, state: Path, args: argparse.Namespace) -> int:
+    """One process for the CPU measurement, printing its own CPU ms per frame (per second when idle)
+    over a steady window after start-up: the whole daemon (a 30 fps camera-like source, the loop
+    paced to `fps`, MQTT to the bench's broker), the daemon with a camera that delivers nothing, or
+    a bare invoke() at `fps`."""
+    frames = [cv2.resize(cv2.imread(str(SHARED / "images" / p)), (1280, 720), interpolation=cv2.INTER_AREA)
+              for p in PHOTOS]
+    clf = Classifier(args.model, args.labels, num_threads=args.threads, name=args.model.stem)
+    warm = 3.0
+    if kind == "bare":
+        x, _ = to_input(frames[0], clf.input)
+        nxt = start = time.monotonic()
+        n, cpu0 = 0, 0.0
+        while time.monotonic() < start + warm + seconds:
+            nxt += 1 / fps
+            clf.interpreter.set_tensor(clf._input_index, x)
+            clf.interpreter.invoke()
+            if not cpu0 and time.monotonic() >= start + warm:
+                cpu0, n = time.process_time(), 0
+            n += 1
+            time.sleep(max(0.0, nxt - time.monotonic()))
+        print((time.process_time() - cpu0) / max(n - 1, 1) * 1e3)
+        return 0
+    cfg = Config()
+    cfg.device_id, cfg.mqtt.port, cfg.mqtt.host = "bench-cpu", port, "127.0.0.1"
+    cfg.model.threads, cfg.loop.max_fps, cfg.spool.dir = args.threads, fps, str(state)
+    sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg))
+    camera = MemoryCamera(frames, fps=1e-9 if kind == "idle" else 30.0)  # idle: a camera that delivers nothing
+    d = Daemon(cfg, clf, Capture(camera), sink, "bench")
+    mark: dict[str, float] = {}
+
+    def measure() -> None:
+        time.sleep(warm)
+        mark["cpu"], mark["frames"] = time.process_time(), d.processed
+        time.sleep(seconds)
+        cpu, done = time.process_time() - mark["cpu"], d.processed - mark["frames"]
+        print(cpu / seconds * 1e3 if kind == "idle" else cpu / max(done, 1) * 1e3, flush=True)
+        d.stop.set()
+
+    threading.Thread(target=measure, daemon=True).start()
+    d.run(0)
+    return 0
 
 
-BARE_AT_RATE = """
-import sys, time
-from pathlib import Path
-import cv2
-from edgecam.core.model import Classifier
-from edgecam.core.preprocess import to_input
-model, image, n, fps, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-clf = Classifier(model, None, num_threads=threads)
-x, _ = to_input(cv2.imread(image), clf.input)
-nxt = time.monotonic()
-for _ in range(n):
-    nxt += 1 / fps
-    clf.interpreter.set_tensor(clf._input_index, x)
-    clf.interpreter.invoke()
-    time.sleep(max(0.0, nxt - time.monotonic()))
-"""
+def cpu_per_frame(broker: Broker, state: Path, env: dict[str, str], args: argparse.Namespace,
+                  fps: float = 5.0, seconds: float = 10.0) -> tuple[float, float, float]:
+    """CPU ms per frame at `fps` of the daemon and of a bare invoke(), and the idle daemon's CPU ms per
+    second, each measured by the process itself over `seconds` after 3 s of start-up."""
+    def cpu(kind: str) -> float:
+        out = subprocess.run([sys.executable, __file__, "--child", kind, str(seconds), str(fps), str(broker.port),
+                              str(state), "--threads", str(args.threads), "--model", str(args.model),
+                              "--labels", str(args.labels)], env=env, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"bench child {kind} failed: {out.stderr[-500:]}")
+        return float(out.stdout.split()[-1])
 
-
-def cpu_per_frame(folder: Path, broker: Broker, env: dict[str, str], model: Path, threads: int,
-                  fps: float = 5.0, short: int = 10, long: int = 60) -> tuple[float, float]:
-    """CPU ms per frame at `fps`: (edgecam run, bare invoke()), each from a long run minus a short one."""
-    def run(n: int) -> float:
-        return cpu_seconds([sys.executable, "-m", "edgecam", "run", "--source", str(folder), "--source-fps",
-                            str(fps), "--max-frames", str(n), "--broker", broker.address, "--device-id",
-                            "bench-cpu", "--threads", str(threads)], env)
-
-    def bare(n: int) -> float:
-        image = str(sorted(folder.iterdir())[0])
-        return cpu_seconds([sys.executable, "-c", BARE_AT_RATE, str(model), image, str(n), str(fps),
-                            str(threads)], env)
-
-    loop = (run(long) - run(short)) / (long - short) * 1e3
-    base = (bare(long) - bare(short)) / (long - short) * 1e3
-    return loop, base
+    return cpu("loop"), cpu("bare"), cpu("idle")
 
 
 def main() -> int:
-    if os.environ.get("SWITCH"):
-        sys.setswitchinterval(float(os.environ["SWITCH"]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models/tf2_mobilenet_v2_1.0_224_ptq.tflite")
     ap.add_argument("--labels", type=Path, default=SHARED / "models/imagenet_labels.txt")
@@ -154,7 +184,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="interpreter threads, the same for every variant")
     ap.add_argument("--rss-frames", type=int, default=2000)
     ap.add_argument("--no-processes", action="store_true", help="skip the CPU and RSS runs of `edgecam run`")
+    ap.add_argument("--child", nargs=5, metavar=("KIND", "SECONDS", "FPS", "PORT", "STATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        kind, seconds, fps, port, state = args.child
+        return child(kind, float(seconds), float(fps), int(port), Path(state), args)
 
     frames = [cv2.resize(cv2.imread(str(SHARED / "images" / p)), (1280, 720), interpolation=cv2.INTER_AREA)
               for p in PHOTOS]
@@ -247,9 +281,10 @@ def main() -> int:
             "EDGECAM_MODEL_NAME": str(args.model),
             "EDGECAM_MODEL_LABELS": str(args.labels),
         }
-        loop_cpu, bare_cpu = cpu_per_frame(folder, broker, env, args.model, args.threads)
-        print(f"CPU per frame at 5 fps, 1280x720: edgecam run {loop_cpu:.2f} ms, bare invoke() {bare_cpu:.2f} ms "
-              f"({loop_cpu / bare_cpu:.2f}x)")
+        loop_cpu, bare_cpu, idle = cpu_per_frame(broker, tmp / "cpu-state", env, args)
+        print(f"CPU per frame at 5 fps, 1280x720 camera-like source at 30 fps: daemon {loop_cpu:.2f} ms, "
+              f"bare invoke() {bare_cpu:.2f} ms ({loop_cpu / bare_cpu:.2f}x); idle daemon (no frames) "
+              f"{idle:.2f} ms CPU per second")
         rss, secs = peak_rss(folder, args.rss_frames, broker, env)
         print(f"edgecam run, {args.rss_frames} frames (720p folder, overlay every 10th): "
               f"peak RSS {rss:.0f} MB, {secs:.1f} s wall")
