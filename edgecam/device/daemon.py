@@ -167,8 +167,6 @@ class Daemon:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.started = time.monotonic()
-        self.last_result: bytes | None = None
-        self.last_overlay: bytes | None = None
         self.status = "online"
         # Commands arrive on the network thread, checked; the loop applies them between frames.
         self.inbox = inbox or Inbox(clf.labels, cfg.commands.rate)
@@ -405,7 +403,6 @@ class Daemon:
             t3 = time.perf_counter()
             t["encode"], t["publish"] = (t2 - t1) * 1e3, (t3 - t2) * 1e3
             t["handover"] = (time.monotonic() - job.prepared.mono) * 1e3
-            self.last_result = payload
             if self.overlays.due() or self.snapshot.is_set():
                 self.snapshot.clear()
                 jpeg = overlay_jpeg(job.prepared.picture, exp.cams[0], self.cfg)
@@ -413,7 +410,6 @@ class Daemon:
                 self.sink.overlay(jpeg)
                 t["overlay"] = (t4 - t3) * 1e3
                 t["publish"] += (time.perf_counter() - t4) * 1e3
-                self.last_overlay = jpeg
         self.times.add(t, time.monotonic())
 
     def stats(self) -> dict[str, Any]:
