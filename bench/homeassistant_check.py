@@ -19,8 +19,8 @@ discovery on and reads Home Assistant's own view through its REST API (/api/stat
   full label and the top 3 as attributes, the score sensor is a number (state class measurement, %),
   the image entity is there while overlays are on;
 - a device whose camera is missing is unavailable (status "degraded") from the start;
-- a stopped device is unavailable (status "offline");
-- overlays off: the image entity is removed;
+- a stopped device is unavailable (status "offline"), and so is a killed one (its Last Will);
+- overlays off: the image entity is removed; a command turning them on and off adds and removes it;
 - Home Assistant restarted: the label is back at once (from the birth message), not `unknown`
   until the next result (the device here publishes on change with a one-hour heartbeat);
 - Home Assistant's log has no warning or error about these entities.
@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from broker import Broker, Recorder, free_port  # noqa: E402
+from broker import Broker, Recorder, free_port, publish  # noqa: E402
 
 SHARED = Path(os.environ.get("EDGECAM_SHARED", ROOT.parent / "shared")).resolve()
 DEVICE = "ha-check"
@@ -308,7 +308,8 @@ def main() -> int:
         one.mkdir()
         shutil.copy(SHARED / "images" / "hot_dog.jpg", one / "hot_dog.jpg")
         cam = Edgecam(work, broker, DEVICE, one, "--overlay-every", "0", "--publish", "change",
-                      env={"EDGECAM_LOOP_HEARTBEAT": "3600"})
+                      env={"EDGECAM_LOOP_HEARTBEAT": "3600", "EDGECAM_COMMANDS_ENABLED": "on",
+                           "EDGECAM_MQTT_KEEPALIVE": "5"})
         devices.append(cam)
         mark = len(rec.messages)
         first = wait(lambda: results(mark)[:1], 120)
@@ -318,6 +319,13 @@ def main() -> int:
         check("device back: its new result shown", bool(back), ha.state(f"{PREFIX}_top1"))
         removed = wait(lambda: IMAGE not in ha.states(), 30)
         check("overlays off: the image entity is removed", bool(removed), ha.state(IMAGE))
+        cmd = f"edgecam/{DEVICE}/cmd"
+        publish(broker.port, cmd, json.dumps({"cmd": "set", "overlay_every": 1}))
+        added = wait(lambda: IMAGE in ha.states(), 30)
+        publish(broker.port, cmd, json.dumps({"cmd": "set", "overlay_every": 0}))
+        removed = added and wait(lambda: IMAGE not in ha.states(), 30)
+        check("command set overlay_every 1 then 0: the image entity added, then removed again",
+              bool(added) and bool(removed), {"added": bool(added), "removed": bool(removed)})
 
         # 5. Home Assistant restarts; the device publishes nothing new (same picture, no heartbeat due).
         seqs = {(r["boot"], r["seq"]) for r in results()}
@@ -336,11 +344,13 @@ def main() -> int:
               score["state"].replace(".", "", 1).isdigit(), score)
         check("after the restart: the image entity stays removed", IMAGE not in ha.states(), ha.state(IMAGE))
 
-        cam.stop()
+        # 6. The device dies without a word: the broker sends its Last Will after 1.5 keepalives (5 s here).
+        cam.proc.kill()
+        cam.proc.wait()
         down = wait(lambda: ha.state(f"{PREFIX}_top1")["state"] == "unavailable", 30)
-        check("device stopped again: unavailable", bool(down), ha.state(f"{PREFIX}_top1"))
+        check("device killed (SIGKILL): unavailable through its Last Will", bool(down), ha.state(f"{PREFIX}_top1"))
 
-        # 6. Nothing in Home Assistant's log about these entities.
+        # 7. Nothing in Home Assistant's log about these entities.
         log = ha.log.read_text(errors="replace")  # both runs' output
         bad = [line for line in log.splitlines() if ("WARNING" in line or "ERROR" in line)
                and ("mqtt" in line.lower() or "edgecam" in line.lower() or "template" in line.lower())]
