@@ -509,7 +509,7 @@ def test_cli_bad_key_in_file(tmp_path: Path) -> None:
     [
         ([], {"EDGECAM_LOOP_MAX_FPS": "abc"}, ["EDGECAM_LOOP_MAX_FPS", "'abc'"]),
         ([], {"EDGECAM_SOURCE_REPEAT": "maybe"}, ["EDGECAM_SOURCE_REPEAT", "true or false"]),
-        (["--threads", "0"], {}, ["--threads", "out of range", "1..64"]),
+        (["--threads", "-1"], {}, ["--threads", "out of range", "0..64"]),
         (["--max-fps", "-1"], {}, ["--max-fps", "out of range"]),
         (["--broker", "host:notaport"], {}, ["--broker", "host:notaport", "notaport"]),
         (["--broker", "host:0"], {}, ["--broker", "1..65535"]),
@@ -556,7 +556,7 @@ def test_configuration_page_names_every_key_env_and_flag() -> None:
 # wrongly in config.py (stats_interval from 0, say) fails here.
 PINNED_RANGES: dict[str, tuple[float, float]] = {
     "source.fps": (0, 240), "source.width": (16, 8192), "source.height": (16, 8192),
-    "source.read_timeout": (0.1, 600), "source.max_pixels": (1, 1_000_000_000), "model.threads": (1, 64),
+    "source.read_timeout": (0.1, 600), "source.max_pixels": (1, 1_000_000_000), "model.threads": (0, 64),
     "loop.max_fps": (0, 1000), "loop.change_delta": (0, 1), "loop.heartbeat": (0.1, 86400),
     "loop.overlay_every": (0, 1_000_000), "loop.overlay_width": (16, 4096), "loop.overlay_height": (16, 4096),
     "loop.jpeg_quality": (1, 100), "loop.heatmap_width": (0, 64), "loop.heatmap_height": (0, 64),

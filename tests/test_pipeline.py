@@ -153,3 +153,19 @@ def test_a_failure_after_inference_stops_the_daemon_with_the_error(tmp_path: Pat
     with pytest.raises(StageFailed, match="CAM went wrong"):
         d.run(0)
     assert d.seq == 0
+
+
+def test_interpreter_threads_leave_a_core_to_the_pipeline() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from edgecam.device.pipeline import interpreter_threads
+
+    assert interpreter_threads(3) == 3
+    assert interpreter_threads(0) == max(1, len(os.sched_getaffinity(0)) - 1)
+    # On one core there is nothing to leave: still one thread.
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from edgecam.device.pipeline import interpreter_threads; print(interpreter_threads(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

@@ -102,7 +102,8 @@ class ModelConfig:
     name: str = setting("", "manifest model name or .tflite path (empty: the manifest's default)",
                         flag=("--model", "-m"))
     labels: str = setting("", "labels file (empty: the model's own)")
-    threads: int = setting(2, "interpreter threads", lo=1, hi=64, flag="--threads")
+    threads: int = setting(0, "interpreter threads (0: one fewer than the cores, at least one, leaving a core to "
+                           "the pipeline's scaling, CAM and spool)", lo=0, hi=64, flag="--threads")
     crop: bool = setting(False, "centre-crop frames to the model's aspect instead of resizing the whole frame")
     input_mean: str = setting(
         "", "input normalisation in pixel units: the model sees (pixel - mean) / std; one value or one per "

@@ -439,7 +439,7 @@ class Daemon:
             "timing_ms": self.times.medians(),
             "model": self.clf.name,
             "runtime": self.runtime,
-            "threads": self.cfg.model.threads,
+            "threads": self.clf.num_threads,
             "cpu_temp_c": cpu_temperature(),
         }
 

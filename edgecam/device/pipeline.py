@@ -9,6 +9,7 @@ not finished was never counted as a result, so `seq` has no holes).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,16 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _STOP = object()
+
+
+def interpreter_threads(configured: int) -> int:
+    """The interpreter's threads: as configured, or (0) one fewer than the cores this process may
+    use, at least one. The frame pipeline keeps one core busy scaling the next frame and finishing
+    the last (CAM, encoding, the spool, the sender); invoke() threads on that core would only
+    take turns with it (docs/performance.md has the measurement)."""
+    if configured:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class StageFailed(RuntimeError):

@@ -15,6 +15,7 @@ from edgecam.core.errors import EdgecamError
 from edgecam.device import config, discovery
 from edgecam.device.capture import Capture
 from edgecam.device.config import Config
+from edgecam.device.pipeline import interpreter_threads
 from edgecam.device.sources import Source, SourceError, make_source, open_auto
 from edgecam.device.spool import Quota, Spool
 
@@ -102,7 +103,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
     stated = config.stated_normalization(cfg.model) or local.normalization
-    clf = Classifier(local.path, local.labels, num_threads=cfg.model.threads, name=local.name, normalization=stated)
+    clf = Classifier(local.path, local.labels, num_threads=interpreter_threads(cfg.model.threads), name=local.name,
+                     normalization=stated)
     for warning in clf.warnings:
         log.warning("model: %s", warning)
     inbox = Inbox(clf.labels, cfg.commands.rate)
