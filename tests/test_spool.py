@@ -1117,6 +1117,35 @@ def test_a_read_only_spool_file_is_said_once_and_still_read(
     assert len(lines) == 2
 
 
+@pytest.mark.mounts
+def test_a_file_a_full_disk_kept_closed_at_start_keeps_its_messages_first(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with smallfs.tmpfs(tmp_path / "fs", MiB) as mnt:
+        path = mnt / "spool.db"
+        old = written_and_closed(path, 5, 100)  # waiting from the last run
+        fill_the_disk(mnt / "filler")
+        s = Spool(path, quotas())
+        try:
+            assert s.state == "memory", s.reason  # a full disk cannot even make the WAL's index
+            held = [s.append("result", "t", payload(10 + i), 1) for i in range(3)]
+            assert None not in held and min(i for i in held if i is not None) > max(old)  # were 1, 2, 3: taken
+            assert [m.id for m in s.after(0, 100)] == held
+            (mnt / "filler").unlink()
+            clock.now += 31  # the next try to open it
+            with caplog.at_level(logging.INFO, logger="edgecam"):
+                new = s.append("result", "t", payload(20), 1)
+            assert s.state == "file", s.reason
+            # The sender, wherever its cursor got to, is taken back to the oldest: the file's first.
+            assert [m.id for m in s.after(held[-1], 100)] == [*old, *held, new]
+            assert [m.id for m in s.after(new, 100)] == []  # once
+            assert s.counts()["waiting"] == 9
+            assert any("5 messages from before are in" in m for _, m in spool_lines(caplog))
+        finally:
+            s.close()
+        assert rows_in_file(path) == 9
+
+
 # --- threads --------------------------------------------------------------------------------------
 
 

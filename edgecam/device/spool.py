@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgecam.device.clock import Clocks
@@ -42,6 +42,7 @@ WAL_PAGES_MIN, WAL_PAGES_MAX = 16, 128
 SHM_BYTES = 32 * 1024
 PAGE_SIZE = 4096  # SQLite's default, which the spool keeps
 CACHE_KIB = 256  # SQLite page cache, in KiB
+FAR_ID = 1 << 40  # first id when a file that could not be read may hold any ids below
 REPORT_EVERY = 60.0  # seconds between "still failing" log lines
 
 SCHEMA = """
@@ -181,6 +182,7 @@ class Spool:
         self._boot = self.clocks.boot()
         self._offset = -self.clocks.uptime()
         self._expired_at: float | None = None  # spool time after() last expired every kind
+        self._rewind = False  # the next after() reads from the oldest, whatever the sender's cursor
         if path is not None:
             self._open(path)
 
@@ -211,21 +213,51 @@ class Spool:
                     return
             else:
                 self._memory_only(f"cannot open {path}: {exc}")
+                self._ids_above(path)
                 return
         except OSError as exc:
             self._memory_only(f"cannot open {path}: {exc.strerror or exc}")
+            self._ids_above(path)
             return
         self._db = db
         self.state, self.reason = "file", ""
+        self.waiting_at_start = self._adopt(db)
+        self._hold_salvaged(salvaged)
+
+    def _adopt(self, db: sqlite3.Connection) -> int:
+        """Take up a file just opened: its time line, its messages in the counts, new ids above its
+        own. Returns how many messages it holds."""
+        before = self._offset
         self._start_time_line(db)
+        if self._mem and self._offset != before:  # held messages move onto the file's time line
+            self._mem = deque(replace(m, stamp=m.stamp + self._offset - before) for m in self._mem)
+        held = 0
         for kind, n, size, top in db.execute(
             "SELECT kind, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MAX(id) FROM outbox GROUP BY kind"
         ):
             if kind in self._count:
-                self._count[kind], self._bytes[kind] = int(n), int(size)
+                self._count[kind] += int(n)
+                self._bytes[kind] += int(size)
+                held += int(n)
             self._next_id = max(self._next_id, int(top) + 1)
-        self.waiting_at_start = sum(self._count.values())
-        self._hold_salvaged(salvaged)
+        return held
+
+    def _ids_above(self, path: Path) -> None:
+        """A file that cannot be opened now (a full disk cannot even make its index file) may hold
+        messages: new ids start above them, so that they can go in when it opens. Read without
+        writing anything; when the file has a WAL that cannot be read that way, far above."""
+        if not path.exists():
+            return
+        wal = Path(f"{path}-wal")
+        top = None
+        if not wal.exists() or wal.stat().st_size == 0:
+            with contextlib.suppress(sqlite3.Error):
+                db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+                try:
+                    top = db.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+                finally:
+                    db.close()
+        self._next_id = max(self._next_id, int(top) + 1 if isinstance(top, int) else FAR_ID)
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         try:
@@ -395,7 +427,13 @@ class Spool:
                 self._db = self._connect(self.path)
             except (sqlite3.Error, OSError):
                 return
-            self._record_time_line(self._db)
+            waiting = self._adopt(self._db)
+            if waiting:
+                # Messages from before the file could not be opened: the sender starts again from
+                # the oldest (those it already has in flight may go twice; QoS 1 allows that).
+                self._rewind = True
+                log.info("spool: %d messages from before are in %s; they go out now, before the held ones",
+                         waiting, self.path)
         if self._tombstones:
             failed = self._retry_deletes()
             if failed is not None:
@@ -499,6 +537,8 @@ class Spool:
                 self._expired_at = now
                 for kind in self.quotas:
                     self._expire(kind, now)
+            if self._rewind:
+                cursor, self._rewind = 0, False
             rows = self._select("WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit + len(self._tombstones)))
             rows = [m for m in rows if m.id not in self._tombstones][:limit]
             rows += [m for m in self._mem if m.id > cursor][: max(0, limit - len(rows))]
