@@ -46,6 +46,7 @@ from edgecam.device.capture import Capture  # noqa: E402
 from edgecam.device.config import Config  # noqa: E402
 from edgecam.device.daemon import Daemon  # noqa: E402
 from edgecam.device.mqtt import MqttSink  # noqa: E402
+from edgecam.device.pipeline import interpreter_threads  # noqa: E402
 from edgecam.device.run import make_spool  # noqa: E402
 from edgecam.device.sources import Frame  # noqa: E402
 
@@ -181,7 +182,8 @@ def main() -> int:
     ap.add_argument("--labels", type=Path, default=SHARED / "models/imagenet_labels.txt")
     ap.add_argument("--rounds", type=int, default=30, help="blocks of each variant")
     ap.add_argument("--block", type=int, default=20, help="frames per block")
-    ap.add_argument("--threads", type=int, default=2, help="interpreter threads, the same for every variant")
+    ap.add_argument("--threads", type=int, default=interpreter_threads(0),
+                    help="interpreter threads, the same for every variant (default: the daemon's choice here)")
     ap.add_argument("--rss-frames", type=int, default=2000)
     ap.add_argument("--no-processes", action="store_true", help="skip the CPU and RSS runs of `edgecam run`")
     ap.add_argument("--child", nargs=5, metavar=("KIND", "SECONDS", "FPS", "PORT", "STATE"), help=argparse.SUPPRESS)

@@ -173,6 +173,7 @@ class Spool:
         self._next_id = 1
         self._retry_at = 0.0
         self.reserve = 0  # bytes left free on the spool's filesystem, set when the file is opened
+        self._room_left, self._room_until = 0, 0.0  # what may be written before the disk is asked again
         self.wal_pages = WAL_PAGES_MAX
         self._stamp = "stamp"  # the column ages are read from ("NULL" in an old file that cannot take it)
         self.waiting_at_start = 0
@@ -400,6 +401,12 @@ class Spool:
         Pages SQLite freed itself count as room.
         """
         assert self.path is not None and self._db is not None
+        need, now = 2 * size, time.monotonic()
+        # Asking the filesystem and SQLite costs more than the insert itself; between two asks (at
+        # most a second apart) writes may use half of the headroom the last one found.
+        if now < self._room_until and need <= self._room_left:
+            self._room_left -= need
+            return True
         try:
             st = os.statvfs(self.path.parent)
             free = st.f_bavail * st.f_frsize
@@ -408,7 +415,9 @@ class Spool:
             return True  # no figure: let the write itself tell
         wal = Path(str(self.path) + "-wal")
         pending = wal.stat().st_size if wal.exists() else 0  # what a checkpoint may add to the file
-        return free + pages * page_size - pending - 2 * size >= self.reserve
+        left = free + pages * page_size - pending - need - self.reserve
+        self._room_left, self._room_until = max(0, left // 2), now + 1.0
+        return left >= 0
 
     def _write_failed(self, reason: str) -> None:
         self.state, self.reason = "memory", f"cannot write: {reason}"
