@@ -566,6 +566,26 @@ def test_what_sqlite_can_still_read_from_a_corrupt_file_is_sent_and_the_rest_cou
     assert s2.counts()["lost_corrupt"] == 0
 
 
+def test_salvaged_messages_keep_the_age_they_had(tmp_path: Path, spools: Callable[..., Spool], times: Times) -> None:
+    path = tmp_path / "spool.db"
+    s = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    ids = []
+    for i in range(200):
+        ids.append(s.append("result", "t", payload(i, 900), 1))
+        times.pass_(1)
+    s.close()
+    leaves = leaves_of(path, [i for i in ids if i is not None])
+    damage(path, [list(leaves)[len(leaves) // 2]])
+    times.pass_(100)  # the restart that finds the damage, in the same boot
+    s2 = spools(path, quotas(result_age=HOUR), clocks=times.clocks())
+    assert s2.counts()["lost_corrupt"] > 0 and all_ids(s2)[0] == ids[0]
+    # The first one has waited 300 s: it expires after 3300 s more, not an hour from the salvage.
+    times.pass_(HOUR - 300)
+    assert all_ids(s2)[0] == ids[0]
+    times.pass_(1)
+    assert all_ids(s2)[0] == ids[1]
+
+
 def test_a_damaged_interior_page_hides_a_stretch_that_is_counted(
     tmp_path: Path, spools: Callable[..., Spool], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -304,17 +304,7 @@ class Spool:
         """Carry the spool's time line on from the file: the same boot keeps its offset; a new boot
         starts where the last one ended (its last clean stop, or its newest message), so the time
         switched off does not age anything."""
-        up = self.clocks.uptime()
-        try:
-            row = db.execute("SELECT boot, offset, last FROM clock WHERE one = 1").fetchone()
-            newest = db.execute("SELECT stamp FROM outbox WHERE stamp IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
-        except sqlite3.Error:
-            row, newest = None, None
-        if row is not None and self._boot and row[0] == self._boot:
-            self._offset = float(row[1])
-        else:
-            ended = max(float(row[2]) if row else 0.0, float(newest[0]) if newest else 0.0)
-            self._offset = ended - up
+        self._offset = carried_offset(_line_of(db), self._boot, self.clocks.uptime())
         self._record_time_line(db)
         with contextlib.suppress(sqlite3.Error):
             # Messages from before the spool had its own clock: their age counts from now.
@@ -334,10 +324,20 @@ class Spool:
 
     # -- salvage ------------------------------------------------------------------------
     def _salvage(self, aside: Path) -> list[Message]:
-        """What SQLite can still read from a corrupt file, in order; the rest is counted as lost."""
+        """What SQLite can still read from a corrupt file, in order, with the ages they had there (from
+        now where the file's time line cannot be read); the rest is counted as lost."""
         rows, lost, exact = salvage(aside, set(self.quotas))
-        now = self.now()
-        msgs = [Message(i, k, t, p, q, c, now) for i, k, t, p, q, c in rows]
+        up = self.clocks.uptime()
+        line: Line = (None, None)
+        with contextlib.suppress(sqlite3.Error):
+            db = _read_only(aside)
+            try:
+                line = _line_of(db)
+            finally:
+                db.close()
+        then, now = up + carried_offset(line, self._boot, up), self.now()
+        msgs = [Message(i, k, t, p, q, c, now - max(0.0, then - st) if st is not None else now)
+                for i, k, t, p, q, c, st in rows]
         self.lost_corrupt += lost
         unknown = "" if exact else " (and the damage hid a stretch whose size SQLite cannot tell)"
         if rows or lost:
@@ -620,6 +620,38 @@ class Spool:
                 self._db = None
 
 
+Line = tuple[tuple[str, float, float] | None, float | None]
+
+
+def _line_of(db: sqlite3.Connection) -> Line:
+    """A file's time line as stored: its clock row (boot, offset, last) and its newest message's stamp."""
+    row = newest = None
+    with contextlib.suppress(sqlite3.Error):
+        got = db.execute("SELECT boot, offset, last FROM clock WHERE one = 1").fetchone()
+        row = (str(got[0]), float(got[1]), float(got[2])) if got else None
+    with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
+        got = db.execute("SELECT stamp FROM outbox WHERE stamp IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
+        newest = float(got[0]) if got else None
+    return row, newest
+
+
+def carried_offset(line: Line, boot: str, up: float) -> float:
+    """The offset from this boot's uptime to a file's time line, carried on from it: the same boot
+    keeps its offset; a new boot starts where the last one ended (its last clean stop, or its newest
+    message), so the time switched off does not age anything."""
+    row, newest = line
+    if row is not None and boot and row[0] == boot:
+        return row[1]
+    return max(row[2] if row else 0.0, newest or 0.0) - up
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """Read-only, and changing nothing beside the file: without a WAL of its own it is opened as
+    immutable, else SQLite would create one and an index file next to it."""
+    wal = Path(f"{path}-wal").exists()
+    return sqlite3.connect(f"file:{path}?mode=ro{'' if wal else '&immutable=1'}", uri=True, isolation_level=None)
+
+
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "file is encrypted" in text or "corrupt" in text
@@ -627,7 +659,7 @@ def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
 
 # -- reading a damaged file ------------------------------------------------------------------
 
-Row = tuple[int, str, str, bytes, int, float]
+Row = tuple[int, str, str, bytes, int, float, float | None]  # the outbox's columns
 MAX_ROWID = 2**63 - 1
 
 
@@ -643,11 +675,8 @@ def salvage(path: Path, kinds: Iterable[str]) -> tuple[list[Row], int, bool]:
     still tell the lowest or highest id; otherwise the count is "at least".
     """
     kinds = set(kinds)
-    # Read-only, and changing nothing beside it: without a WAL of its own the file is opened as
-    # immutable, else SQLite would create one and an index file next to the evidence.
-    wal = Path(f"{path}-wal").exists()
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro{'' if wal else '&immutable=1'}", uri=True, isolation_level=None)
+        db = _read_only(path)
     except sqlite3.Error:
         return [], 0, False
     rows: list[Row] = []
@@ -655,12 +684,14 @@ def salvage(path: Path, kinds: Iterable[str]) -> tuple[list[Row], int, bool]:
     try:
         if not _readable(db, "SELECT 1 FROM outbox LIMIT 0"):
             return [], 0, False
+        # A file from before the spool kept ages has no stamps: its rows read with none.
+        stamp = "stamp" if _readable(db, "SELECT stamp FROM outbox LIMIT 0") else "NULL"
         lo = _first_id(db, "SELECT MIN(id) FROM outbox")
         hi = _first_id(db, "SELECT MAX(id) FROM outbox")
         # Ids are >= 1; below the lowest id there is nothing to lose.
         cursor = 0 if lo is None else lo - 1
         for _ in range(1_000_000):  # bounded, however the file is damaged
-            got, broke = _read_from(db, cursor, kinds)
+            got, broke = _read_from(db, cursor, kinds, stamp)
             for row in got:
                 if row[0] > cursor:
                     rows.append(row)
@@ -673,7 +704,7 @@ def salvage(path: Path, kinds: Iterable[str]) -> tuple[list[Row], int, bool]:
             if nxt is not None and nxt > cursor:
                 # The id reads. Python's sqlite3 steps one row ahead, so the row that failed may be the
                 # one after it: read this one alone. If its data does not read, it is one lost.
-                one, _ = _read_from(db, nxt - 1, kinds, limit=1)
+                one, _ = _read_from(db, nxt - 1, kinds, stamp, limit=1)
                 if one and one[0][0] == nxt:
                     rows.append(one[0])
                 else:
@@ -713,19 +744,21 @@ def _first_id(db: sqlite3.Connection, sql: str, *args: object) -> int | None:
     return int(row[0]) if row and isinstance(row[0], int) else None
 
 
-def _read_from(db: sqlite3.Connection, cursor: int, kinds: set[str], limit: int = -1) -> tuple[list[Row], bool]:
+def _read_from(
+    db: sqlite3.Connection, cursor: int, kinds: set[str], stamp: str, limit: int = -1
+) -> tuple[list[Row], bool]:
     """Rows after `cursor` up to the first that does not read; and whether one did not."""
     got: list[Row] = []
     try:
-        for i, k, t, p, q, c in db.execute(
-            "SELECT id, kind, topic, payload, qos, created FROM outbox WHERE id >= ? ORDER BY id LIMIT ?",
+        for i, k, t, p, q, c, st in db.execute(
+            f"SELECT id, kind, topic, payload, qos, created, {stamp} FROM outbox WHERE id >= ? ORDER BY id LIMIT ?",
             (cursor + 1, limit),
         ):
             if not (isinstance(i, int) and i > cursor and k in kinds and isinstance(t, str)
                     and isinstance(p, bytes) and q in (0, 1, 2) and isinstance(c, int | float)):
                 # Garbage SQLite did not notice: treat it as the data of that row not reading.
                 return got, True
-            got.append((i, k, t, p, q, float(c)))
+            got.append((i, k, t, p, q, float(c), float(st) if isinstance(st, int | float) else None))
             cursor = i
     except sqlite3.Error:
         return got, True
