@@ -12,7 +12,7 @@ from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
 from edgecam.core.images import ImageRefused, iter_images, read_image
-from edgecam.core.labels import class_id
+from edgecam.core.labels import class_id, short_label
 from edgecam.core.methods import Method, Scorer, make
 from edgecam.core.model import Classifier
 from edgecam.core.preprocess import crop_box, resize_path
@@ -22,7 +22,7 @@ from edgecam.device.workers import scorer_for
 
 def _line(image: str, exp: Explanation) -> str:
     # ImageNet labels carry synonyms ("tabby, tabby cat"); the first reads best in a line.
-    return f"{image}: " + " | ".join(f"{lab.split(',')[0]} {s:.2f}" for _, lab, s in exp.top)
+    return f"{image}: " + " | ".join(f"{short_label(lab)} {s:.2f}" for _, lab, s in exp.top)
 
 
 class _Progress:

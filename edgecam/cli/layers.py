@@ -12,7 +12,7 @@ import numpy as np
 from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.images import read_image
-from edgecam.core.labels import class_id
+from edgecam.core.labels import class_id, short_label
 from edgecam.core.layers import picture, stage_interpreter, stage_tensors, stages
 from edgecam.core.methods import make
 from edgecam.core.preprocess import to_input
@@ -33,7 +33,7 @@ def run_layers(args: argparse.Namespace) -> int:
     if cls is not None:
         # Score-CAM at every stage, from the activations already in hand: how the evidence forms.
         inf = clf.infer(x)
-        label = clf.labels[cls].split(",")[0]
+        label = short_label(clf.labels[cls])
         class_maps = []
         with scorer_for(clf, args.workers) as scorer:
             for k, t in enumerate(tensors, 1):

@@ -34,6 +34,7 @@ from edgecam.contract import (
 )
 from edgecam.core.cam import normalize
 from edgecam.core.errors import escaped
+from edgecam.core.labels import short_label
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def text_heatmap(cam: np.ndarray, shades: str = SHADES) -> list[str]:
 
 
 def result_line(obj: dict[str, Any]) -> str:
-    top = " | ".join(f"{t['label'].split(',')[0]} {t['score']:.2f}" for t in obj["top"])
+    top = " | ".join(f"{short_label(t['label'])} {t['score']:.2f}" for t in obj["top"])
     timing = obj.get("timing_ms") or {}
     latency = f"  {timing['total']:.1f} ms" if isinstance(timing.get("total"), int | float) else ""
     return f"{obj['device']} #{obj['seq']}  {top}{latency}"
@@ -92,7 +93,7 @@ def run_watch(args: argparse.Namespace) -> int:
             return
         lines = [result_line(obj)]
         if cam is not None:
-            label = str(obj["cam"].get("label", "?")).split(",")[0]
+            label = short_label(str(obj["cam"].get("label", "?")))
             lines.append(f"  CAM of {label}, {cam.shape[1]}x{cam.shape[0]}, {cam.min():.2f}..{cam.max():.2f}")
             lines += ["  " + row for row in text_heatmap(cam)]
         seen["results"] += 1

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgecam.core.errors import EdgecamError
 from edgecam.core.images import DEFAULT_MAX_PIXELS, read_image
+from edgecam.core.labels import short_label
 from edgecam.core.methods import Method, Scorer, names
 from edgecam.core.methods.occlusion import grey
 from edgecam.core.model import Classifier
@@ -132,7 +133,7 @@ def table(scores: list[Score]) -> str:
         return f"{v:{width}.3f}" if v is not None else f"{'-':>{width}s}"
 
     for s in scores:
-        lines.append(f"{s.image[:18]:18s} {s.method:10s} {s.label.split(',')[0][:16]:16s} {fmt(s.deletion, 9)} "
+        lines.append(f"{s.image[:18]:18s} {s.method:10s} {short_label(s.label)[:16]:16s} {fmt(s.deletion, 9)} "
                      f"{fmt(s.insertion, 10)} {s.ms:8.1f} {fmt(s.pointing, 9)} {fmt(s.energy, 7)}")
     lines.append("-" * len(head))
     for method, m in means(scores).items():

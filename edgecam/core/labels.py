@@ -78,3 +78,10 @@ def class_id(query: str | int, labels: list[str]) -> int:
     if len(syn) > 1:
         raise EdgecamError(f"class {shown(q)} is ambiguous: " + ", ".join(f"{i} {labels[i]!r}" for i in syn[:5]))
     raise EdgecamError(f"class {shown(q)} is not a label of this model")
+
+
+def short_label(label: str) -> str:
+    """The first synonym: ImageNet's labels list several ("hotdog, hot dog, red hot") and the first
+    reads best in a line. (Home Assistant's state template in device/discovery.py applies the same
+    rule on its side, and the dashboard page in JavaScript.)"""
+    return label.split(",")[0].strip() or label
