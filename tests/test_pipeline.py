@@ -108,7 +108,7 @@ class Counted:
         return Frame(self.image, time.time(), time.monotonic())
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 @pytest.mark.model
@@ -143,7 +143,17 @@ def test_a_failure_after_inference_stops_the_daemon_with_the_error(tmp_path: Pat
     cfg.device_id = "pipeline"
     cfg.mqtt.enabled = False
     clf = Classifier(DEFAULT_MODEL, LABELS)
-    d = Daemon(cfg, clf, Capture(Counted(50)), StdoutSink(), "test")
+    source = Counted(50)
+
+    class Closing(StdoutSink):
+        closed = False
+
+        def close(self, timeout: float) -> int:
+            self.closed = True
+            return super().close(timeout)
+
+    sink = Closing()
+    d = Daemon(cfg, clf, Capture(source), sink, "test")
 
     class Broken:
         def maps(self, *_args: object) -> np.ndarray:
@@ -153,6 +163,8 @@ def test_a_failure_after_inference_stops_the_daemon_with_the_error(tmp_path: Pat
     with pytest.raises(StageFailed, match="CAM went wrong"):
         d.run(0)
     assert d.seq == 0
+    # The shutdown still ran: the source let go, the sink (its spool) closed.
+    assert getattr(source, "closed", False) and sink.closed
 
 
 def test_interpreter_threads_leave_a_core_to_the_pipeline() -> None:

@@ -285,17 +285,21 @@ class Daemon:
         try:
             self.frames(max_frames)
         finally:
-            # What was handed over is finished (and spooled) before anything is closed.
-            self.finisher.close()
-            self.prefetch.close()
-            if self.reload.is_set():
-                self.notifier.reloading()
-            else:
-                self.notifier.stopping()
-            self.capture.stop()
-            self.sink.drain(self.cfg.mqtt.shutdown_timeout)
-            self.publish_stats()
-            left = self.sink.close(2.0)
+            try:
+                # What was handed over is finished (and spooled) before anything is closed.
+                self.finisher.close()
+            finally:
+                # Also when the finisher failed: the camera is let go, and what the spool holds
+                # is still delivered or left closed in its file.
+                self.prefetch.close()
+                if self.reload.is_set():
+                    self.notifier.reloading()
+                else:
+                    self.notifier.stopping()
+                self.capture.stop()
+                self.sink.drain(self.cfg.mqtt.shutdown_timeout)
+                self.publish_stats()
+                left = self.sink.close(2.0)
         return left
 
     def frames(self, max_frames: int = 0) -> None:
@@ -356,6 +360,7 @@ class Daemon:
             self.status = status
             self.sink.set_status(status)
             self.publish_stats()
+
     def step(self, job: Prepared) -> None:
         """One frame on the loop thread: one invoke(); the rest goes to the finisher."""
         t: dict[str, float] = {"capture_age": job.age_ms, "pre": job.pre_ms}
