@@ -231,6 +231,15 @@ def test_bad_option_values(model_cache: Path, args: tuple[str, str], needle: str
     one_error_line(proc, needle)
 
 
+@pytest.mark.parametrize("command", ["explain --method random", "explain --method rise --samples 10",
+                                     "evaluate --method cam"])
+def test_negative_seed_is_one_line(model_cache: Path, command: str) -> None:
+    # numpy's generator raised ValueError from deep inside the method: a traceback.
+    proc = run_cli(*command.split(), "--seed", "-1", CAT)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    one_error_line(proc, "--seed -1")
+
+
 def test_threads_from_the_environment_must_be_a_number(model_cache: Path) -> None:
     proc = run_cli("explain", IMAGES / "cat.bmp", env={"EDGECAM_THREADS": "abc"})
     assert proc.returncode == 2

@@ -12,6 +12,12 @@ from edgecam.core.model import Classifier, HeadNames
 from edgecam.core.preprocess import normalization
 
 
+def check_seed(args: argparse.Namespace) -> None:
+    """The random methods' and evaluate's generator takes no negative seed (numpy raises)."""
+    if args.seed < 0:
+        raise EdgecamError(f"--seed {args.seed}: must be 0 or more")
+
+
 def load_classifier(args: argparse.Namespace, model: str | None = None) -> Classifier:
     if bool(args.feature_tensor) != bool(args.weights_tensor):
         raise EdgecamError("--feature-tensor and --weights-tensor go together")

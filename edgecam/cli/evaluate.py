@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from edgecam.cli.common import load_classifier
+from edgecam.cli.common import check_seed, load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.evaluate import DEFAULT_METHODS, Score, evaluate_image, means, table
 from edgecam.core.images import iter_images
@@ -17,6 +17,7 @@ from edgecam.device.workers import scorer_for
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    check_seed(args)
     methods = [make(name, **vars(args)) for name in dict.fromkeys(args.method or DEFAULT_METHODS)]
     if not 2 <= args.steps <= 200:
         raise EdgecamError(f"--steps {args.steps}: must be from 2 to 200")

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from edgecam.cli.common import load_classifier
+from edgecam.cli.common import check_seed, load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
 from edgecam.core.images import ImageRefused, iter_images, read_image
@@ -48,6 +48,7 @@ class _Progress:
 def run_explain(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise EdgecamError(f"--top {args.top}: must be at least 1")
+    check_seed(args)
     if args.wide:
         if args.method not in ("cam", "wide"):
             raise EdgecamError(f"--wide works with --method cam only ({args.method} runs on the square input)")
