@@ -581,6 +581,7 @@ def test_a_browser_that_falls_behind_is_cut_off_and_can_reconnect(broker: Broker
         (["--listen", "127.0.0.1:99999"], ["--listen", "99999"]),
         (["--listen", "127.0.0.1:"], ["--listen"]),
         (["--stale-after", "0"], ["--stale-after"]),
+        (["--stale-after", "nan"], ["--stale-after"]),
         (["--prefix", "a/b"], ["--prefix"]),
         (["--broker", "localhost:0"], ["--broker"]),
     ],

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import one_error_line, run_cli
 
 from edgecam.broker import split_broker
 from edgecam.cli.watch import SHADES, check_result, result_line, text_heatmap
@@ -245,3 +246,12 @@ def test_split_broker_errors(text: str, needle: str) -> None:
         split_broker(text)
     msg = str(info.value)
     assert msg.startswith("--broker ") and needle in msg, msg
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "inf"),
+                                             ("--count", "-3")])
+def test_watch_refuses_a_bad_timeout_or_count_with_one_line(flag: str, value: str) -> None:
+    # Before: --timeout -1 returned at once with exit 0, having watched nothing.
+    proc = run_cli("watch", "--broker", "127.0.0.1:1", flag, value, timeout=30)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    one_error_line(proc, flag)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -33,7 +34,7 @@ from edgecam.contract import (
     topic,
 )
 from edgecam.core.cam import normalize
-from edgecam.core.errors import escaped
+from edgecam.core.errors import EdgecamError, escaped
 from edgecam.core.labels import short_label
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ def result_line(obj: dict[str, Any]) -> str:
 
 
 def run_watch(args: argparse.Namespace) -> int:
+    # A negative or NaN timeout would make the wait return at once: exit 0 having watched nothing.
+    if not args.timeout >= 0 or math.isinf(args.timeout):
+        raise EdgecamError(f"--timeout {args.timeout:g}: must be a number of seconds, 0 (no limit) or more")
+    if args.count < 0:
+        raise EdgecamError(f"--count {args.count}: must be 0 (no limit) or more")
     opts = options_from_flags(args)
     prefix = check_prefix(args.prefix, "--prefix")
     device = check_device_id(args.device, "--device") if args.device else ANY_DEVICE

@@ -527,7 +527,7 @@ def is_loopback(host: str) -> bool:
 def run_dashboard(args: argparse.Namespace) -> int:
     opts = options_from_flags(args, client_id=f"edgecam-dashboard-{secrets.token_hex(3)}")
     listen_host, listen_port = parse_listen(args.listen)
-    if args.stale_after <= 0:
+    if not args.stale_after > 0:  # NaN too: no device would ever show stale
         raise EdgecamError(f"--stale-after {args.stale_after}: must be more than 0 seconds")
     check_prefix(args.prefix, "--prefix")
     token = dashboard_token(args)
