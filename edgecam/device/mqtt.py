@@ -101,6 +101,7 @@ class MqttSink:
         self._status = "online"
         self._last_stats: bytes | None = None
         self._last_result: bytes | None = None  # given again to Home Assistant when it restarts
+        self._state_owed = False  # Home Assistant asked while results were waiting in the spool
         self._last_overlay: bytes | None = None
         self._counts = {"published": 0, "acked": 0, "overlays": 0, "connects": 0}
         self._refused = 0
@@ -161,9 +162,17 @@ class MqttSink:
         # (with publish = "change", up to the heartbeat). Consumers drop the duplicate by boot and seq.
         # While results wait in the spool, the newest of them is still to come: sending it now would
         # let older ones overwrite it.
+        # Then it is given once the spool has emptied (the sender's loop), not skipped: a spooled
+        # message can still count as waiting for a moment after the broker acknowledged it.
         last = self._last_result
-        if last is None or self.spool.counts()["waiting"]:
+        if last is None:
             return
+        if self.spool.counts()["waiting"]:
+            self._state_owed = True
+            with self._cond:
+                self._cond.notify_all()
+            return
+        self._state_owed = False
         client.publish(self.topics[RESULT], last, qos=self.cfg.qos)
         if self._last_overlay is not None:
             client.publish(self.topics[OVERLAY], self._last_overlay, qos=0)
@@ -185,6 +194,8 @@ class MqttSink:
             self._settle(acked)
             if self._connected.is_set():
                 self._send_more()
+                if self._state_owed and not self.spool.counts()["waiting"]:
+                    self._give_state(self.client)
 
     def _has_work(self) -> bool:
         if self._stop.is_set() or self._acked:
