@@ -167,6 +167,23 @@ def test_a_failure_after_inference_stops_the_daemon_with_the_error(tmp_path: Pat
     assert getattr(source, "closed", False) and sink.closed
 
 
+@pytest.mark.model
+def test_a_result_counts_as_made_only_once_the_sink_has_it() -> None:
+    cfg = Config()
+    cfg.device_id = "pipeline"
+    cfg.mqtt.enabled = False
+
+    class Refusing(StdoutSink):
+        def result(self, payload: bytes) -> None:
+            raise OSError("the spool's disk went away")
+
+    d = Daemon(cfg, Classifier(DEFAULT_MODEL, LABELS), Capture(Counted(5)), Refusing(), "test")
+    with pytest.raises(StageFailed, match="disk went away"):
+        d.run(0)
+    # Stats' "results" (and a command reply's seq) never name a result the spool does not hold.
+    assert d.processed >= 1 and d.seq == 0
+
+
 def test_interpreter_threads_leave_a_core_to_the_pipeline() -> None:
     import os
     import subprocess

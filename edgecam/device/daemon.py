@@ -385,13 +385,13 @@ class Daemon:
         t["total"] = (time.monotonic() - job.prepared.mono) * 1e3
         top_id, _, top_score = exp.top[0]
         if self.policy.decide(top_id, top_score, time.monotonic()):
-            self.seq += 1
+            seq = self.seq + 1  # counted below, once the result is in the spool
             labels = self.clf.labels
             maps = [published_map(m, lp.heatmap_width, lp.heatmap_height) for m in exp.cams]
             payload = result_payload(
                 device=self.device,
                 boot=self.boot,
-                seq=self.seq,
+                seq=seq,
                 ts=job.prepared.ts,
                 model=self.clf.name,
                 top=exp.top,
@@ -405,6 +405,7 @@ class Daemon:
             )
             t2 = time.perf_counter()
             self.sink.result(payload)
+            self.seq = seq
             t3 = time.perf_counter()
             t["encode"], t["publish"] = (t2 - t1) * 1e3, (t3 - t2) * 1e3
             t["handover"] = (time.monotonic() - job.prepared.mono) * 1e3
