@@ -51,3 +51,31 @@ def test_a_result_stays_spooled_until_its_own_ack_after_the_ids_wrap(broker: Bro
         broker.proc.send_signal(signal.SIGCONT)
         sink.close(2)
         rec.close()
+
+
+def test_a_status_change_while_connecting_reaches_the_broker(broker: Broker, tmp_path: Path) -> None:
+    """The source degrades between the connect's own status message and its acknowledgement: the
+    retained status must end up degraded, not the online the connect sent."""
+    cfg = Config()
+    cfg.device_id = "dev-race"
+    cfg.mqtt.host, cfg.mqtt.port = "127.0.0.1", broker.port
+    cfg.spool.dir = str(tmp_path / "state")
+    sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg))
+    on_up = sink._on_up
+
+    def up_then_degrade(client):  # type: ignore[no-untyped-def]
+        on_up(client)  # publishes "online"; `connected` is set only when the broker acknowledges it
+        sink.set_status("degraded")  # what the frame loop does at this moment, from its own thread
+
+    sink.broker.on_up = up_then_degrade
+    sink.start()
+    try:
+        assert wait_until(lambda: sink.connected, 20)
+        rec = Recorder(broker.port, "edgecam/dev-race/status")
+        try:
+            # Retained, or live if it was sent again just after this subscription: degraded, last.
+            assert rec.wait_for(lambda m: bool(m) and m[-1][1] == b"degraded", 20), rec.messages
+        finally:
+            rec.close()
+    finally:
+        sink.close(2)

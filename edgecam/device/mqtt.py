@@ -99,6 +99,7 @@ class MqttSink:
         self._sender: threading.Thread | None = None
         self.connected_at_close = False
         self._status = "online"
+        self._gate_status = self._status  # the status the last connect published
         self._last_stats: bytes | None = None
         self._last_result: bytes | None = None  # given again to Home Assistant when it restarts
         self._state_owed = False  # Home Assistant asked while results were waiting in the spool
@@ -113,7 +114,8 @@ class MqttSink:
         # sender waits for the broker's ack of this status message, which can only be read
         # after those resends went out, so new results never overtake older ones.
         with self._cond:
-            self._gate = client.publish(self.topics[STATUS], self._status, qos=1, retain=True).mid
+            self._gate_status = self._status
+            self._gate = client.publish(self.topics[STATUS], self._gate_status, qos=1, retain=True).mid
         if self._last_stats is not None:
             client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True)
         if self.on_command is not None:
@@ -134,13 +136,18 @@ class MqttSink:
                 log.error("mqtt: %s refused a message: %s (%d so far; check the broker's ACL for %s/%s/#)",
                           self.where, reason, self._refused, self.cfg.prefix, self.device)
         with self._cond:
-            if mid == self._gate:
+            opened = mid == self._gate
+            if opened:
                 self._gate = None
                 self._fresh = True
                 self._connected.set()
             else:
                 self._acked.append(mid)
             self._cond.notify_all()
+        if opened and self._status != self._gate_status:
+            # The status changed after the connect's own was sent and before `connected` was set,
+            # when set_status could not publish it: without this the broker keeps the old one.
+            client.publish(self.topics[STATUS], self._status, qos=1, retain=True)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_command is not None and msg.topic == self.topics[CMD]:
