@@ -66,3 +66,34 @@ def test_the_unit_restarts_a_daemon_killed_by_a_signal() -> None:
     forced = [line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("RestartForceExitStatus=")]
     assert forced, "no RestartForceExitStatus= in the unit"
     assert {"SIGHUP", "SIGINT", "SIGTERM", "SIGPIPE"} <= {s for line in forced for s in line}
+
+
+@pytest.mark.parametrize("order", ["hup-term", "term-hup", "term-in-the-re-exec"])
+def test_a_stop_near_a_reload_stops_the_daemon(broker: Broker, daemons, order: str) -> None:
+    """`systemctl reload` and `systemctl stop` close together: the stop wins, whichever came first.
+    A SIGTERM caught while the reload's check ran, or before it, used to be forgotten by the exec
+    (the daemon ran on, until systemd's SIGKILL); one landing in the new process before it had a
+    handler killed it by the signal."""
+    rec = Recorder(broker.port, "edgecam/dev-st/#")
+    d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", broker.address, "--device-id", "dev-st")
+    assert rec.wait_for(lambda m: any(t.endswith("/result") for t, _, _ in m), 90), d.log()
+    if order == "hup-term":
+        d.proc.send_signal(signal.SIGHUP)
+        d.proc.send_signal(signal.SIGTERM)
+    elif order == "term-hup":
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.send_signal(signal.SIGHUP)
+    else:
+        _, rss = status(d.proc.pid)
+        d.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: d.proc.poll() is not None or status(d.proc.pid)[0] == 1
+                          or status(d.proc.pid)[1] < rss / 3, 60, 0.001), d.log()
+        d.proc.send_signal(signal.SIGTERM)
+    try:
+        code = d.wait(30)
+    except Exception:
+        pytest.fail(f"still running 30 s after SIGTERM: {d.log()}")
+    assert code == 0, (code, d.log())
+    assert "stopped after" in d.log(), d.log()
+    assert "Traceback" not in d.log()
+    rec.close()

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # rate by as much, so they are offline tools (`edgecam explain --method`). See docs/explain.md.
 DAEMON_METHOD = "cam"
 
+# Signals a reload holds from just before its exec until the new process has its handlers.
+HELD_ACROSS_RELOAD = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
 SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays", "lost_corrupt")
 
 
@@ -166,6 +169,7 @@ class Daemon:
         self.snapshot = threading.Event()
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self.stopping = False  # a stop signal came: a later SIGHUP does not turn it into a reload
         self.started = time.monotonic()
         self.status = "online"
         # Commands arrive on the network thread, checked; the loop applies them between frames.
@@ -192,10 +196,17 @@ class Daemon:
     def install_signals(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)
+            # A stop wins over a reload asked for before it (`systemctl reload` then `stop`): the
+            # process ends instead of starting over.
+            self.stopping = True
+            self.reload.clear()
             self.stop.set()
             self.capture.interrupt()
 
         def hup(_signum: int, _frame: Any) -> None:
+            if self.stopping:
+                log.info("SIGHUP: stopping already, not reloading")
+                return
             # Check the new configuration before letting go of the running one.
             if self.reload_check is not None:
                 try:
@@ -203,17 +214,24 @@ class Daemon:
                 except EdgecamError as exc:
                     log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
                     return
-            log.info("SIGHUP: reloading the configuration (restarting in place)")
             self.reload.set()
+            # A stop signal can run in the middle of this handler (while the check loads the
+            # configuration): set first, then look, so that whichever came second, the stop wins.
+            if self.stopping:
+                self.reload.clear()
+                log.info("SIGHUP: stopping already, not reloading")
+                return
+            log.info("SIGHUP: reloading the configuration (restarting in place)")
             self.stop.set()
             self.capture.interrupt()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
-        # A reload blocks SIGHUP across the exec (the mask survives it): one that came meanwhile is
-        # pending, and is handled here, now that there is a handler, instead of killing the process.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # A reload blocks these across the exec (the mask survives it): one that came meanwhile is
+        # pending, and is handled here, now that there is a handler, instead of killing the process
+        # (SIGHUP) or being lost (a SIGTERM the old process could no longer act on).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_ACROSS_RELOAD)
 
     # -- commands (the loop, between frames) -------------------------------------------------
     def apply_commands(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                       "they are lost", left, cfg.mqtt.host, cfg.mqtt.port, why)
             return 1
     if daemon.reload.is_set():
-        restart_in_place()
+        restart_in_place(daemon.reload)
     if daemon.processed == 0 and capture.stats.state == "ended":
         log.error("source: %s: ended before any frame was used", capture.stats.reason or capture.source.description)
         return 1
@@ -158,11 +159,17 @@ def run_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def restart_in_place() -> None:
+def restart_in_place(reload: threading.Event) -> None:
     """SIGHUP: the same process (same PID, so systemd keeps tracking it) starts over with the new config."""
-    # SIGHUP stays blocked across the exec until the new process has its handler: a second reload
-    # right behind this one waits for it instead of killing the process before it can catch it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # SIGHUP, SIGTERM and SIGINT stay blocked across the exec until the new process has its
+    # handlers: a second reload right behind this one waits for it instead of killing the process
+    # before it can catch it, and a stop is carried out by the new process instead of being lost.
+    from edgecam.device.daemon import HELD_ACROSS_RELOAD
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_ACROSS_RELOAD)
+    if not reload.is_set():  # a stop came since: it clears the reload, and this process ends
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_ACROSS_RELOAD)
+        return
     logging.shutdown()
     argv = [sys.executable, "-m", "edgecam", *sys.argv[1:]]
     os.execv(sys.executable, argv)
