@@ -184,6 +184,41 @@ def test_a_result_counts_as_made_only_once_the_sink_has_it() -> None:
     assert d.processed >= 1 and d.seq == 0
 
 
+@pytest.mark.model
+def test_the_source_is_never_closed_during_a_read(capsys: pytest.CaptureFixture) -> None:
+    """Flat out, the prefetch thread is nearly always reading the next frame; a stop must let that
+    read end before the source is closed (a video file's cv2.VideoCapture is not thread-safe)."""
+    cfg = Config()
+    cfg.device_id = "pipeline"
+    cfg.mqtt.enabled = False
+
+    class Slow(Counted):
+        reading = False
+        closed_during_read = False
+
+        def read(self) -> Frame:
+            self.reading = True
+            try:
+                time.sleep(0.2)  # a slow decode: the stimulus that keeps a read in progress
+                return super().read()
+            finally:
+                self.reading = False
+
+        def close(self) -> None:
+            self.closed_during_read = self.closed_during_read or self.reading
+            super().close()
+
+    source = Slow(1000)
+    d = Daemon(cfg, Classifier(DEFAULT_MODEL, LABELS), Capture(source), StdoutSink(), "test")
+    runner = threading.Thread(target=d.run)
+    runner.start()
+    assert wait_until(lambda: d.processed >= 2 and source.reading, 30)
+    d.stop.set()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert getattr(source, "closed", False) and not source.closed_during_read
+
+
 def test_interpreter_threads_leave_a_core_to_the_pipeline() -> None:
     import os
     import subprocess

@@ -308,7 +308,9 @@ class Daemon:
                 self.finisher.close()
             finally:
                 # Also when the finisher failed: the camera is let go, and what the spool holds
-                # is still delivered or left closed in its file.
+                # is still delivered or left closed in its file. A frame being read ends first
+                # (a take() waiting for one returns at once), so no read runs into the source's close.
+                self.capture.interrupt()
                 self.prefetch.close()
                 if self.reload.is_set():
                     self.notifier.reloading()

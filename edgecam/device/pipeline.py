@@ -112,7 +112,7 @@ class Prefetch(Generic[T]):
                 self._wanted.clear()
                 self._result = result
                 self._ready.notify_all()
-            if not result[0]:
+            if not result[0] or self._closed:
                 return
 
     def request(self, at: float = 0.0) -> None:
@@ -136,6 +136,9 @@ class Prefetch(Generic[T]):
             raise value  # type: ignore[misc]
         return value  # type: ignore[return-value]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """End the thread, after the fetch in progress: the source it reads may be closed next
+        (OpenCV's capture is not thread-safe). A fetch stuck longer than `timeout` is left behind."""
         self._closed = True
         self._wanted.set()
+        self._thread.join(timeout)
