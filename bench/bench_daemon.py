@@ -245,8 +245,11 @@ def main() -> int:
                 count[name] += args.block
                 if name in daemons:
                     latency[name] += list(daemons[name].times.times["handover"])[-args.block:]
-        sizes = [len(daemons["loop 1280x720, overlay"].last_result or b"")]
-        jpegs = [len(daemons["loop 1280x720, overlay"].last_overlay or b"")]
+        # The sink keeps the latest result and overlay (for Home Assistant's birth message).
+        shown = daemons["loop 1280x720, overlay"].sink
+        assert isinstance(shown, MqttSink)
+        sizes = [len(shown._last_result or b"")]
+        jpegs = [len(shown._last_overlay or b"")]
         for d in daemons.values():
             d.sink.close(10)
 
