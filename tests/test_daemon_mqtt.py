@@ -205,6 +205,23 @@ def test_no_mqtt_prints_json_lines(daemons) -> None:
     assert lines[IMAGE_NAMES.index("parrot.jpg")]["top"][0]["label"] == "macaw"
 
 
+def test_no_mqtt_ends_quietly_when_its_reader_goes() -> None:
+    # `edgecam run --no-mqtt | head -1`: the finisher's write fails; no traceback, exit 0 as for explain.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.Popen([sys.executable, "-m", "edgecam", "run", "--source", str(IMAGES), "--no-mqtt"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert run.stdout is not None and run.stderr is not None
+    assert json.loads(run.stdout.readline())["seq"] == 1
+    run.stdout.close()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err.decode()
+    assert b"Traceback" not in err, err.decode()
+
+
 def test_watch_prints_lines_heatmaps_and_survives_bad_payloads(broker: Broker, daemons) -> None:
     import subprocess
     import sys

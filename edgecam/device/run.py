@@ -16,7 +16,7 @@ from edgecam.core.errors import EdgecamError
 from edgecam.device import config, discovery
 from edgecam.device.capture import Capture
 from edgecam.device.config import Config
-from edgecam.device.pipeline import interpreter_threads
+from edgecam.device.pipeline import StageFailed, interpreter_threads
 from edgecam.device.sources import Source, SourceError, make_source, open_auto
 from edgecam.device.spool import Quota, Spool
 
@@ -139,7 +139,13 @@ def run_daemon(args: argparse.Namespace) -> int:
     if isinstance(sink, MqttSink) and commands_enabled(cfg):
         log.info("commands: on, %s", sink.topics["cmd"])
     daemon.install_signals()
-    left = daemon.run(args.max_frames)
+    try:
+        left = daemon.run(args.max_frames)
+    except StageFailed as exc:
+        # `edgecam run --no-mqtt | head`: stdout's reader left; the CLI ends quietly as for any command.
+        if isinstance(exc.__cause__, BrokenPipeError):
+            raise exc.__cause__ from None
+        raise
     if left:
         if isinstance(sink, MqttSink) and sink.spool.state == "file":
             log.info("mqtt: %d messages wait in %s for the broker; they go out after the next start",
