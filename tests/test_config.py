@@ -514,6 +514,8 @@ def test_cli_bad_key_in_file(tmp_path: Path) -> None:
         (["--broker", "host:notaport"], {}, ["--broker", "host:notaport", "notaport"]),
         (["--broker", "host:0"], {}, ["--broker", "1..65535"]),
         (["--prefix", "a/b"], {}, ["mqtt.prefix", "'a/b'"]),
+        (["--source", ""], {}, ["--source", "empty"]),
+        (["--broker", ""], {}, ["--broker", "no host"]),
         ([], {"EDGECAM_MQTT_RECONNECT_MIN": "90"}, ["reconnect_min", "reconnect_max"]),
     ],
 )

@@ -61,9 +61,12 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
 
 def source_from_spec(cfg: Config, spec: str) -> None:
     """--source: a word, a directory, or what OpenCV opens."""
+    if not spec.strip():
+        raise EdgecamError("--source '': empty; give auto, picamera2, a directory, a device (0, /dev/video0), "
+                           "a URL or a video file")
     if spec in ("auto", "picamera2"):
         cfg.source.kind, cfg.source.uri = spec, ""
-    elif spec and Path(spec).is_dir():
+    elif Path(spec).is_dir():
         cfg.source.kind, cfg.source.uri = "folder", spec
     else:
         cfg.source.kind, cfg.source.uri = "opencv", spec
