@@ -175,3 +175,23 @@ def test_jpeg_with_a_large_icc_profile_before_its_size(tmp_path: Path) -> None:
     assert read_image(path).shape == (120, 160, 3)
     with pytest.raises(ImageRefused, match="160x120"):
         read_image(path, 1000)
+
+
+def test_a_repeated_folder_says_once_what_it_cannot_decode(tmp_path: Path) -> None:
+    """A file whose header is fine but that the decoder refuses (32-bit float samples) was decoded
+    again on every round of a repeated folder, and OpenCV's warning went to the log each time."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "a_float.tiff"), np.zeros((8, 8), np.float32))
+    (folder / "cat.bmp").write_bytes((IMAGES / "cat.bmp").read_bytes())
+    proc = run_cli("run", "--model", DEFAULT_MODEL, "--source", folder, "--no-mqtt", "--max-frames", "20",
+                   env={"EDGECAM_SPOOL_DIR": str(tmp_path / "state")})
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 20  # twenty rounds of the folder, each past the bad file
+    said = [line for line in proc.stderr.splitlines() if "a_float.tiff" in line or "WARN" in line]
+    assert len(said) == 1 and "skipped" in said[0], proc.stderr
+    # explain says it in its own line only, without OpenCV's.
+    proc = run_cli("explain", "--model", DEFAULT_MODEL, folder / "a_float.tiff", "-o", tmp_path / "out")
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"edgecam: {folder / 'a_float.tiff'}: cannot read as an image (unsupported or corrupt file)",
+        "edgecam: 1 of 1 inputs failed"], proc.stderr

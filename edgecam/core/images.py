@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,6 +13,13 @@ import numpy as np
 from edgecam.core.errors import EdgecamError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+def quiet_opencv() -> None:
+    """OpenCV's own WARN lines on stderr would double the one-line errors (and repeat with each
+    file they are about)."""
+    with contextlib.suppress(AttributeError):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -159,6 +167,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             f"{path}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g} "
             "(not decoded; raise the pixel limit to accept it)"
         )
+    quiet_opencv()
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ImageRefused(f"{path}: cannot read as an image (unsupported or corrupt file)")

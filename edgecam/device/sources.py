@@ -7,7 +7,6 @@ newest frame is kept; the others hand every frame to the loop in turn.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -21,7 +20,14 @@ import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError
-from edgecam.core.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageRefused, image_files, read_image
+from edgecam.core.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageRefused,
+    image_files,
+    quiet_opencv,
+    read_image,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -95,7 +101,10 @@ class FolderSource:
         self.pacer = _Pacer(fps)
         self.files: list[Path] = []
         self.pos = 0
-        self.skipped: set[str] = set()
+        # Files that did not decode, with the (mtime, size) they had then: not decoded again each
+        # round of a repeated folder (a CPU cost and, from OpenCV's decoders, a log line each time)
+        # until they change.
+        self.skipped: dict[str, tuple[int, int]] = {}
         self.delivered = 0
         self.description = f"folder {self.path}"
 
@@ -116,6 +125,9 @@ class FolderSource:
                 self.pos = 0
             path = self.files[self.pos]
             self.pos += 1
+            stamp = _stamp(path)
+            if stamp is not None and self.skipped.get(path.name) == stamp:
+                continue
             try:
                 image = read_image(path, self.max_pixels)
             except ImageRefused as exc:
@@ -123,10 +135,11 @@ class FolderSource:
                     _log.warning("source: %s; skipped", exc)
                 image = None
             if image is not None:
+                self.skipped.pop(path.name, None)
                 self.pacer.wait()
                 self.delivered += 1
                 return Frame(image, time.time(), time.monotonic(), name=path.name)
-            self.skipped.add(path.name)
+            self.skipped[path.name] = stamp or (0, 0)
         if self.pos >= len(self.files) and not self.repeat:
             if not self.delivered:
                 names = ", ".join(sorted(self.skipped)[:5]) + (", ..." if len(self.skipped) > 5 else "")
@@ -173,7 +186,7 @@ class OpenCVSource:
         self.factory = factory or cv2.VideoCapture
         self.cap: Any = None
         self.description = f"opencv {self.kind} {uri}"
-        _quiet_opencv()
+        quiet_opencv()
 
     def open(self) -> None:
         if self.kind == "file" and not Path(self.target).is_file():  # type: ignore[arg-type]
@@ -436,7 +449,10 @@ def open_auto(
     )
 
 
-def _quiet_opencv() -> None:
-    # OpenCV's own WARN lines on stderr would double our one-line errors.
-    with contextlib.suppress(AttributeError):
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's modification time and size, to tell that it changed; None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
