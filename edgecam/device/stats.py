@@ -33,11 +33,6 @@ class StageTimes:
         with self._lock:
             return {s: round(float(np.median(v)), 3) for s, v in self.times.items() if v}
 
-    def percentile(self, stage: str, q: float) -> float | None:
-        with self._lock:
-            values = list(self.times[stage])
-        return round(float(np.percentile(values, q)), 3) if values else None
-
     def fps(self, now: float | None = None, span: float = 10.0) -> float:
         """Frames finished in the last `span` seconds, per second."""
         with self._lock:
