@@ -219,6 +219,47 @@ def test_the_source_is_never_closed_during_a_read(capsys: pytest.CaptureFixture)
     assert getattr(source, "closed", False) and not source.closed_during_read
 
 
+@pytest.mark.model
+def test_the_loop_turns_while_a_source_is_silent() -> None:
+    """A camera that gives no frame for a long read_timeout (600 s allowed) must not hold the loop:
+    the watchdog pings from it (the unit's WatchdogSec is 30 s) and commands are answered from it."""
+    cfg = Config()
+    cfg.device_id = "pipeline"
+    cfg.mqtt.enabled = False
+    release = threading.Event()
+
+    class Silent:
+        live = True
+        description = "silent camera"
+
+        def open(self) -> None:
+            pass
+
+        def read(self) -> Frame:
+            release.wait()
+            raise SourceEnded("released")
+
+        def close(self) -> None:
+            pass
+
+    replies: list[bytes] = []
+    d = Daemon(cfg, Classifier(DEFAULT_MODEL, LABELS), Capture(Silent(), read_timeout=60), StdoutSink(), "test",
+               reply=replies.append)
+    runner = threading.Thread(target=d.run)
+    runner.start()
+    try:
+        # The loop has asked for the next frame: it is inside get(), past this turn's commands.
+        assert wait_until(lambda: d.prefetch._wanted.is_set(), 20)
+        assert d.inbox.receive(b'{"cmd": "ping", "id": 1}') is None
+        assert wait_until(lambda: replies, 10), "the ping waited for a frame that does not come"
+        assert b'"ok":true' in replies[0]
+    finally:
+        release.set()
+        d.stop.set()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
 def test_interpreter_threads_leave_a_core_to_the_pipeline() -> None:
     import os
     import subprocess

@@ -337,7 +337,9 @@ class Daemon:
                 self.stop.wait(min(self.next_frame - now, 0.25))
             else:
                 try:
-                    job = self.prefetch.get(self.stop)
+                    # At most a second: the watchdog, commands and stats go on while a source is
+                    # silent for up to source.read_timeout (600 s allowed, the unit's WatchdogSec is 30).
+                    job = self.prefetch.get(self.stop, timeout=1.0)
                 except SourceEnded:
                     if not self.stop.is_set():
                         log.info("source: %s ended", self.capture.source.description)

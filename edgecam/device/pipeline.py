@@ -123,12 +123,14 @@ class Prefetch(Generic[T]):
                 self._at = at
                 self._wanted.set()
 
-    def get(self, stop: threading.Event, poll: float = 0.25) -> T | None:
-        """The requested item (requesting it if needed); None once `stop` is set."""
+    def get(self, stop: threading.Event, poll: float = 0.25, timeout: float | None = None) -> T | None:
+        """The requested item (requesting it if needed); None once `stop` is set, or when it has
+        not come within `timeout` seconds (it stays requested: a later get() has it)."""
         self.request()
+        end = None if timeout is None else time.monotonic() + timeout
         with self._ready:
             while self._result is None:
-                if stop.is_set():
+                if stop.is_set() or (end is not None and time.monotonic() >= end):
                     return None
                 self._ready.wait(poll)
             (ok, value), self._result = self._result, None
