@@ -600,3 +600,28 @@ def test_a_port_in_use_is_one_line() -> None:
         proc = run_cli("dashboard", "--broker", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}", timeout=60)
     assert proc.returncode == 2, proc.stderr
     one_error_line(proc, "--listen", "cannot listen")
+
+
+def test_a_new_device_is_shown_when_retired_ones_fill_the_table(broker: Broker,
+                                                                dashboard: Callable[..., Dashboard]) -> None:
+    """A fleet that has retired more devices than the table holds leaves their Last Will, a retained
+    `offline`, on the broker: each dashboard start filled its table with them, and a new device was
+    refused ("more than 256 devices") for as long as the dashboard ran."""
+    from edgecam.web.fleet import MAX_DEVICES
+
+    client = paho_client(broker.port)
+    try:
+        sent = [client.publish(f"edgecam/old-{i:03d}/status", b"offline", qos=1, retain=True)
+                for i in range(MAX_DEVICES + 10)]
+        for info in sent:
+            info.wait_for_publish(WAIT)
+        dash = dashboard()
+        wait_until(lambda: len(dash.state()["devices"]) == MAX_DEVICES, what="the retired devices")
+        client.publish("edgecam/new-cam/status", b"online", qos=1).wait_for_publish(WAIT)
+        client.publish("edgecam/new-cam/result", result("new-cam", 1), qos=1).wait_for_publish(WAIT)
+        shown = wait_until(lambda: dash.device("new-cam"), what="the new device on the dashboard")
+        assert shown["status"] == "online" and shown["result"]["seq"] == 1
+        assert len(dash.state()["devices"]) == MAX_DEVICES
+    finally:
+        client.loop_stop()
+        client.disconnect()

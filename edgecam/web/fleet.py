@@ -30,6 +30,7 @@ MAX_DEVICES = 256
 MAX_JSON = 64 * 1024
 MAX_OVERLAY = 4 * 1024 * 1024
 HISTORY_SECONDS = 600.0
+FORGET_AFTER_S = 3600.0  # a full table gives the place of a device silent this long to a new one
 MAX_RUNS = 300
 OVERLAY_FRESH_S = 1.5
 STATUSES = ("online", "degraded", "offline")
@@ -98,19 +99,16 @@ class Fleet:
         if not is_device_id(dev):
             self._reject(topic, "not a device id")
             return None
-        if dev not in self.devices and len(self.devices) >= MAX_DEVICES:
-            self._reject(topic, f"more than {MAX_DEVICES} devices")
-            return None
         try:
             if kind == STATUS:
                 text = payload.decode("ascii", "replace").strip()
                 if text not in STATUSES:
                     raise PayloadError(f"status {text[:20]!r} is not one of {', '.join(STATUSES)}")
-                device = self._device(dev)
+                device = self._device(dev, now)
                 device.status = text
             elif kind == RESULT:
                 result = self._result(dev, payload)
-                device = self._device(dev)
+                device = self._device(dev, now)
                 device.result = result
                 device.last_result_at = now
                 self._remember(device, result, now)
@@ -118,13 +116,13 @@ class Fleet:
                 stats = self._json(payload)
                 if stats.get("v") != CONTRACT_VERSION or stats.get("device") != dev:
                     raise PayloadError("not a v1 stats message of this device")
-                device = self._device(dev)
+                device = self._device(dev, now)
                 device.stats = {k: stats.get(k) for k in ("fps", "state", "reason", "timing_ms", "model")}
                 device.stats["_at"] = now
             else:  # OVERLAY
                 if not payload.startswith(b"\xff\xd8") or len(payload) > MAX_OVERLAY:
                     raise PayloadError("not a JPEG, or too large")
-                device = self._device(dev)
+                device = self._device(dev, now)
                 device.overlay = bytes(payload)
                 device.overlay_seq += 1
                 device.overlay_at = now
@@ -134,8 +132,16 @@ class Fleet:
         device.last_seen = now
         return dev
 
-    def _device(self, dev: str) -> Device:
+    def _device(self, dev: str, now: float) -> Device:
+        """The device, made once its first message has been checked. When the table is full, a new
+        device takes the place of the longest-silent one that is offline or silent for
+        FORGET_AFTER_S: a retired device's retained `offline` must not lock out a new one forever."""
         if dev not in self.devices:
+            if len(self.devices) >= MAX_DEVICES:
+                gone = [d for d in self.devices.values() if d.status == "offline" or now - d.last_seen > FORGET_AFTER_S]
+                if not gone:
+                    raise PayloadError(f"more than {MAX_DEVICES} devices, none of them offline or silent")
+                del self.devices[min(gone, key=lambda d: d.last_seen).id]
             self.devices[dev] = Device(dev)
         return self.devices[dev]
 
