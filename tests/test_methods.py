@@ -26,9 +26,13 @@ from edgecam.device.workers import scorer_for
 
 def test_registry_names_costs_and_options() -> None:
     assert {"cam", "occlusion", "wide", "random"} <= set(REGISTRY)
-    for name, cls in REGISTRY.items():
-        assert cls.name == name and cls.cost in COSTS and cls.summary
+    for name, info in REGISTRY.items():
+        cls = info.load()
         assert issubclass(cls, Method)
+        # What the registry declares is what the class says.
+        assert (cls.name, cls.cost, cls.summary, cls.square_input) == (name, info.cost, info.summary,
+                                                                         info.square_input)
+        assert info.cost in COSTS and info.summary
     # make() takes the options a method knows and leaves the others (a command line has them all).
     occ = make("occlusion", patch=40, stride=20, seed=3, top=5, images=["x"])
     assert (occ.patch, occ.stride) == (40, 20)

@@ -6,16 +6,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from edgecam import __version__
-from edgecam.broker import add_broker_flags
-from edgecam.cli.common import load_classifier
 from edgecam.core.errors import EdgecamError
-from edgecam.core.evaluate import DEFAULT_METHODS
-from edgecam.core.images import DEFAULT_MAX_PIXELS
-from edgecam.core.methods import REGISTRY, names
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
+    from edgecam.core.images import DEFAULT_MAX_PIXELS
+
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images whose header claims more pixels, before decoding them "
                    f"(default {DEFAULT_MAX_PIXELS:,})")
@@ -58,6 +55,8 @@ def _positive_int(text: str) -> int:
 
 
 def _method_help(which: list[str]) -> str:
+    from edgecam.core.methods.registry import REGISTRY
+
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in which)
 
 
@@ -81,16 +80,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    "per core)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="edgecam",
-        description="Classify camera frames with a quantized TFLite model and explain each prediction "
-        "with a class activation map.",
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and the TFLite runtime in use")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _explain_args(ex: argparse.ArgumentParser) -> None:
+    from edgecam.core.methods.registry import names
 
-    ex = sub.add_parser("explain", help="classify image files and explain them with CAMs, offline")
     _add_model_args(ex)
     ex.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     _add_pixel_limit(ex)
@@ -121,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--wide", action="store_true", help="the same as --method wide")
     _add_method_args(ex)
 
-    ev = sub.add_parser("evaluate", help="how faithful is a map: deletion, insertion, pointing game (offline)")
+
+def _evaluate_args(ev: argparse.ArgumentParser) -> None:
+    from edgecam.core.evaluate import DEFAULT_METHODS
+    from edgecam.core.methods.registry import names
+
     _add_model_args(ev)
     ev.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     ev.add_argument("--method", action="append", choices=names(square_input=True), metavar="METHOD",
@@ -133,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(ev)
     ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    la = sub.add_parser("layers", help="each stage's channel-mean activation over the frame, in one picture")
+
+def _layers_args(la: argparse.ArgumentParser) -> None:
     _add_model_args(la)
     la.add_argument("image", type=Path, metavar="IMAGE")
     _add_pixel_limit(la)
@@ -145,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --class: the K most active channels of each stage to use (default 128)")
     la.add_argument("--workers", type=int, help="with --class: interpreters side by side (default: one per core)")
 
-    ins = sub.add_parser("inspect", help="show a model's input, CAM head and runtime")
+
+def _inspect_args(ins: argparse.ArgumentParser) -> None:
     _add_model_args(ins)
     ins.add_argument("model_arg", nargs="?", metavar="MODEL", help="model name or path (same as --model)")
     ins.add_argument("--json", action="store_true")
 
-    models = sub.add_parser("models", help="list, fetch and prepare models")
+
+def _models_args(models: argparse.ArgumentParser) -> None:
     models.set_defaults(print_usage=models.print_help)
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.add_parser("list", help="models in the manifest and whether they are cached")
@@ -161,8 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr = msub.add_parser("prepare", help="write a copy of a model whose outputs include the CAM feature map")
     pr.add_argument("input", type=Path, metavar="IN")
     pr.add_argument("output", type=Path, metavar="OUT")
-    _add_daemon_parsers(sub)
-    return parser
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -175,13 +172,13 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     add_flags(p)
 
 
-def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="the daemon: capture, classify, explain, publish over MQTT")
+def _run_args(run: argparse.ArgumentParser) -> None:
     _add_overrides(run)
     run.add_argument("--max-frames", type=int, default=0, metavar="N", help="stop cleanly after N frames")
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
-    cfg = sub.add_parser("config", help="check the configuration, or print a commented default")
+
+def _config_args(cfg: argparse.ArgumentParser) -> None:
     cfg.set_defaults(print_usage=cfg.print_help)
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
     check = csub.add_parser("check", help="validate and print the effective configuration, secrets redacted")
@@ -189,7 +186,10 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     csub.add_parser("default", help="print a commented default config file")
     csub.add_parser("reference", help="print docs/configuration.md, made from the settings' declarations")
 
-    db = sub.add_parser("dashboard", help="a live web page for a fleet of devices, fed from the broker")
+
+def _dashboard_args(db: argparse.ArgumentParser) -> None:
+    from edgecam.broker import add_broker_flags
+
     add_broker_flags(db, "broker user name; with one, the page can send commands")
     db.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                     help="where the page is served (default 127.0.0.1:8080, this machine only)")
@@ -204,7 +204,10 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                     help="a device with no result for this long is shown stale (default 30)")
     db.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
-    w = sub.add_parser("watch", help="print results from the broker as readable lines")
+
+def _watch_args(w: argparse.ArgumentParser) -> None:
+    from edgecam.broker import add_broker_flags
+
     add_broker_flags(w)
     w.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
     w.add_argument("--device", "-d", help="only this device (default: all)")
@@ -213,8 +216,49 @@ def _add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
 
 
+# Each command: its help line, and what adds its arguments (importing what they need: the method
+# registry, the settings, the broker flags).
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "explain": ("classify image files and explain them with CAMs, offline", _explain_args),
+    "evaluate": ("how faithful is a map: deletion, insertion, pointing game (offline)", _evaluate_args),
+    "layers": ("each stage's channel-mean activation over the frame, in one picture", _layers_args),
+    "inspect": ("show a model's input, CAM head and runtime", _inspect_args),
+    "models": ("list, fetch and prepare models", _models_args),
+    "run": ("the daemon: capture, classify, explain, publish over MQTT", _run_args),
+    "config": ("check the configuration, or print a commented default", _config_args),
+    "dashboard": ("a live web page for a fleet of devices, fed from the broker", _dashboard_args),
+    "watch": ("print results from the broker as readable lines", _watch_args),
+}
+
+
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; with `commands`, only their arguments are added (every command is there by
+    name and help): a command imports what its own flags need and no more, so `edgecam watch` never
+    loads OpenCV or the interpreter runtime, and `edgecam --version` no OpenCV. None: all of them."""
+    parser = argparse.ArgumentParser(
+        prog="edgecam",
+        description="Classify camera frames with a quantized TFLite model and explain each prediction "
+        "with a class activation map.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and the TFLite runtime in use")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if commands is None or name in commands:
+            add_args(p)
+    return parser
+
+
+def command_of(argv: Sequence[str]) -> list[str]:
+    """The command a command line names: its first word that is not an option (no option of the top
+    level takes a value). None of ours: argparse says what is wrong with it, and needs no arguments."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return [word] if word in COMMANDS else []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     try:
         if args.version:
@@ -276,6 +320,8 @@ def _version() -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from edgecam.cli.common import load_classifier
+
     clf = load_classifier(args, args.model_arg)
     info = clf.describe()
     if args.json:

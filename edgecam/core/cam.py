@@ -12,11 +12,20 @@ so Grad-CAM = ReLU(CAM_c) / (H * W): the same map, clipped at zero and scaled.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 
-def class_maps(features: np.ndarray, weights: np.ndarray, classes: list[int] | np.ndarray) -> np.ndarray:
-    """Raw CAMs [len(classes), H, W] from features [H, W, C] and weights [num_classes, C].
+class ClassRows(Protocol):
+    """Weights [num_classes, C] whose rows `w[classes]` gives as float32 [len(classes), C]."""
+
+    def __getitem__(self, classes: np.ndarray, /) -> np.ndarray: ...
+
+
+def class_maps(features: np.ndarray, weights: ClassRows, classes: list[int] | np.ndarray) -> np.ndarray:
+    """Raw CAMs [len(classes), H, W] from features [H, W, C] and weights [num_classes, C] (an array, or
+    the head's ClassWeights, which dequantizes only the rows asked for).
 
     One matrix product for all requested classes.
     """
@@ -31,11 +40,12 @@ def grad_cam_weights(weights: np.ndarray, height: int, width: int) -> np.ndarray
     return weights / float(height * width)
 
 
-def grad_cam(features: np.ndarray, weights: np.ndarray, classes: list[int] | np.ndarray) -> np.ndarray:
+def grad_cam(features: np.ndarray, weights: ClassRows, classes: list[int] | np.ndarray) -> np.ndarray:
     """Grad-CAM maps [n, H, W] computed the Grad-CAM way: ReLU(sum_k alpha_ck A_k)."""
     h, w, _ = features.shape
-    alpha = grad_cam_weights(weights, h, w)
-    return np.maximum(class_maps(features, alpha, classes), 0.0)
+    sel = weights[np.asarray(classes, dtype=np.intp)]
+    alpha = grad_cam_weights(sel, h, w)
+    return np.maximum(class_maps(features, alpha, np.arange(len(sel))), 0.0)
 
 
 def normalize(cam: np.ndarray) -> np.ndarray:

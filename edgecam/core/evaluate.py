@@ -20,7 +20,7 @@ from edgecam.core.errors import EdgecamError
 from edgecam.core.images import DEFAULT_MAX_PIXELS, read_image
 from edgecam.core.labels import short_label
 from edgecam.core.methods import Method, Scorer, names
-from edgecam.core.methods.occlusion import grey
+from edgecam.core.methods.base import grey
 from edgecam.core.model import Classifier
 from edgecam.core.preprocess import to_input
 

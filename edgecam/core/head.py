@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecam.core.tflite_graph import Graph, Operator
+from edgecam.core.tflite_graph import Graph, Operator, Quantization
 
 # Ops that only move, retype or requantize values: the head may pass through them.
 _PASS_THROUGH = {"RESHAPE", "SQUEEZE", "QUANTIZE", "DEQUANTIZE"}
@@ -33,6 +33,64 @@ class HeadNotFound(ValueError):
     """The graph has no global-average-pool + linear classifier head."""
 
 
+class ClassWeights:
+    """The classifier's weights [num_classes, C], read where the model stores them (int8, fp16 or float32).
+
+    A frame's CAM needs the rows of a few classes, so rows are read and dequantized when asked for
+    (`weights[classes]`), with the same arithmetic as the whole matrix would be: a row is
+    bit-identical either way. Dequantized whole, 1001 x 1280 weights are 5 MB of float32 that
+    a Raspberry Pi Zero (512 MB for everything) would hold for nothing; read from the graph, they
+    cost nothing beyond the model the interpreter holds anyway, and follow Graph.read_from.
+    `np.asarray(weights)` gives the whole float32 matrix, for offline work that wants it.
+    """
+
+    def __init__(self, graph: Graph | None, tensor: int = -1, channels: int = 0) -> None:
+        """The constant `tensor` of `graph` (a tensor that holds the values, not a DEQUANTIZE of
+        them): [num_classes, ...], a 1x1 kernel [classes, 1, 1, C] as stored. graph None: the
+        identity of `channels` classes (a SqueezeNet-style head: the pooled channels are the scores)."""
+        self._graph, self._tensor = graph, tensor
+        if graph is None:
+            self.shape = self.stored_shape = (channels, channels)
+            self._quant = None
+            return
+        t = graph.tensors[tensor]
+        self.stored_shape = tuple(int(d) for d in t.shape)
+        rows = self.stored_shape[0] if self.stored_shape else 0
+        self.shape = (rows, int(np.prod(self.stored_shape)) // max(rows, 1))
+        self._quant = t.quant if t.quant.quantized else None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, classes: int | list[int] | np.ndarray) -> np.ndarray:
+        """float32 rows: [C] for one class, [n, C] for a list or array of them."""
+        idx = np.asarray(classes, dtype=np.intp)
+        rows = self.rows(idx.reshape(-1))
+        return rows[0] if idx.ndim == 0 else rows.reshape(*idx.shape, self.shape[1])
+
+    def rows(self, classes: np.ndarray) -> np.ndarray:
+        """float32 [len(classes), C] for a 1-D array of class indices."""
+        n, c = len(classes), self.shape[1]
+        if self._graph is None:
+            rows = np.zeros((n, c), np.float32)
+            rows[np.arange(n), classes] = 1.0
+            return rows
+        stored = self._graph.constant(self._tensor, copy=False)
+        assert stored is not None  # checked by class_weights()
+        picked = stored[classes]
+        q = self._quant
+        if q is None:
+            return picked.astype(np.float32).reshape(n, c)
+        if q.scale.size > 1 and (q.axis == 0 or q.axis >= stored.ndim):
+            # One scale per class (an axis past the rank means the only one there is): the rows' own.
+            q = Quantization(q.scale[classes], q.zero_point[classes], 0)
+        return q.dequantize(picked).reshape(n, c)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = self.rows(np.arange(self.shape[0], dtype=np.intp))
+        return whole if dtype is None else whole.astype(dtype)
+
+
 @dataclass(frozen=True)
 class Head:
     feature: int  # tensor index of the [1, H, W, C] feature map
@@ -41,7 +99,7 @@ class Head:
     pool: str  # "MEAN" or "AVERAGE_POOL_2D"
     linear: str  # "FULLY_CONNECTED", "CONV_2D", or "NONE" (SqueezeNet-style)
     softmax: bool  # whether the model output is already a softmax
-    weights: np.ndarray  # float32 [num_classes, C], dequantized
+    weights: ClassWeights  # [num_classes, C], rows dequantized when asked for
     bias: np.ndarray  # float32 [num_classes]
     weights_tensor: int | None
     bias_tensor: int | None
@@ -71,16 +129,32 @@ def _follow(graph: Graph, tensor: int, allowed: set[str]) -> tuple[int, list[str
     return tensor, seen
 
 
-def const_value(graph: Graph, tensor: int) -> np.ndarray | None:
-    """Real value of a constant tensor, looking through a DEQUANTIZE (fp16 or int8 weights)."""
-    raw = graph.constant(tensor)
-    if raw is not None:
-        t = graph.tensors[tensor]
-        return t.quant.dequantize(raw) if t.quant.quantized else raw.astype(np.float32)
+def const_source(graph: Graph, tensor: int) -> int | None:
+    """The tensor that stores a constant's values: itself, or what a DEQUANTIZE (fp16 or int8 weights)
+    reads them from; None when the tensor is computed."""
+    if graph.constant(tensor, copy=False) is not None:
+        return tensor
     producer = graph.producer(tensor)
     if producer is not None and producer.op == "DEQUANTIZE":
-        return const_value(graph, producer.inputs[0])
+        return const_source(graph, producer.inputs[0])
     return None
+
+
+def const_value(graph: Graph, tensor: int) -> np.ndarray | None:
+    """Real value (float32) of a constant tensor, looking through a DEQUANTIZE."""
+    source = const_source(graph, tensor)
+    raw = None if source is None else graph.constant(source)
+    if raw is None:
+        return None
+    quant = graph.tensors[source].quant  # type: ignore[index]
+    return quant.dequantize(raw) if quant.quantized else raw.astype(np.float32)
+
+
+def class_weights(graph: Graph, tensor: int) -> ClassWeights | None:
+    """A linear layer's constant weights [classes, ...], read from the model when used; None when
+    they are computed."""
+    source = const_source(graph, tensor)
+    return None if source is None else ClassWeights(graph, source)
 
 
 def _global_pool_layout(graph: Graph, op: Operator) -> str | None:
@@ -101,7 +175,7 @@ def _global_pool_layout(graph: Graph, op: Operator) -> str | None:
 
 def _linear_params(
     graph: Graph, op: Operator, channels: int
-) -> tuple[np.ndarray, np.ndarray] | str:
+) -> tuple[ClassWeights, np.ndarray] | str:
     """Weights [classes, C] and bias of a linear layer over the pooled channels, or why it is not one."""
     if op.op not in ("FULLY_CONNECTED", "CONV_2D") or len(op.inputs) < 2:
         return f"the pooled map feeds {op.op}, not a FULLY_CONNECTED or 1x1 CONV_2D classifier"
@@ -110,21 +184,22 @@ def _linear_params(
         name = _ACTIVATIONS.get(activation, f"activation {activation}")
         return (f"the {op.op} after the pool has a fused {name}: its scores are not a linear function of "
                 "the feature map, so a CAM would not add up to them")
-    weights = const_value(graph, op.inputs[1])
+    weights = class_weights(graph, op.inputs[1])
     if weights is None:
         return f"the {op.op} after the pool has no constant weights"
-    if op.op == "CONV_2D":
-        if weights.ndim != 4 or weights.shape[1:3] != (1, 1):
-            return f"the CONV_2D after the pool has a {weights.shape[1]}x{weights.shape[2]} kernel, not 1x1"
-        weights = weights.reshape(weights.shape[0], weights.shape[3])
-    if weights.ndim != 2 or weights.shape[1] != channels:
-        return f"the {op.op} after the pool takes {weights.shape[-1]} inputs, the pool gives {channels}"
+    stored = weights.stored_shape
+    if op.op == "CONV_2D" and (len(stored) != 4 or stored[1:3] != (1, 1)):
+        if len(stored) != 4:
+            return f"the CONV_2D after the pool has {len(stored)}-D weights, not a 1x1 kernel"
+        return f"the CONV_2D after the pool has a {stored[1]}x{stored[2]} kernel, not 1x1"
+    if (op.op == "FULLY_CONNECTED" and len(stored) != 2) or weights.shape[1] != channels:
+        return f"the {op.op} after the pool takes {stored[-1]} inputs, the pool gives {channels}"
     bias = None
     if len(op.inputs) > 2 and op.inputs[2] >= 0:
         bias = const_value(graph, op.inputs[2])
     if bias is None:
         bias = np.zeros(weights.shape[0], np.float32)
-    return weights.astype(np.float32), np.ravel(bias).astype(np.float32)
+    return weights, np.ravel(bias).astype(np.float32)
 
 
 def find_head(graph: Graph) -> Head:
@@ -155,7 +230,7 @@ def find_head(graph: Graph) -> Head:
         else:
             # SqueezeNet-style: the pooled channels are the class scores.
             logits, kind = pool.outputs[0], "NONE"
-            weights, bias = np.eye(channels, dtype=np.float32), np.zeros(channels, np.float32)
+            weights, bias = ClassWeights(None, channels=channels), np.zeros(channels, np.float32)
             wt = bt = None
         end, ops = _follow(graph, logits, _SCORE_OPS)
         if end not in graph.outputs:
@@ -193,10 +268,9 @@ def head_from_names(graph: Graph, feature: str, weights: str, bias: str | None =
     if len(fshape) != 4:
         raise HeadNotFound(f"feature tensor {feature!r} has shape {list(fshape)}, expected [1, H, W, C]")
     w_idx = by_name[weights]
-    w = const_value(graph, w_idx)
+    w = class_weights(graph, w_idx)
     if w is None:
         raise HeadNotFound(f"classifier weights {weights!r} are not a constant tensor")
-    w = w.reshape(w.shape[0], -1)
     if w.shape[1] != fshape[3]:
         raise HeadNotFound(
             f"classifier weights {weights!r} have {w.shape[1]} inputs, the feature map has {fshape[3]} channels"
@@ -214,4 +288,4 @@ def head_from_names(graph: Graph, feature: str, weights: str, bias: str | None =
     logits = linear.outputs[0]
     end, ops = _follow(graph, logits, _SCORE_OPS)
     output = end if end in graph.outputs else graph.outputs[0]
-    return Head(f, logits, output, "named", linear.op, "SOFTMAX" in ops, w.astype(np.float32), b, w_idx, b_idx)
+    return Head(f, logits, output, "named", linear.op, "SOFTMAX" in ops, w, b, w_idx, b_idx)

@@ -126,6 +126,9 @@ class Classifier:
         self.runtime: Runtime = get_runtime()
         prepared, self.repairs = prepare(data, self.head)
         self.prepared = prepared  # kept for resized_interpreter()
+        # The graph reads constants from the copy the interpreter runs, and the file's copy goes.
+        self.graph.read_from(prepared)
+        del data
         self.num_threads = num_threads
         try:
             self.interpreter: Any = make_interpreter(prepared, num_threads)

@@ -207,6 +207,15 @@ class Graph:
     _buffers: list[_Table]
     _buf: _Buf
 
+    def read_from(self, data: bytes) -> None:
+        """Read constants from `data` from now on: the model as prepared to run (tflite_graph's
+        writers keep every byte the graph reads in its place), so that a process holds one copy
+        of the model, the one its interpreter runs, not two."""
+        if len(data) < self._buf.size or data[:8] != self._buf.data[:8]:
+            raise ValueError("not a copy of this graph's model")
+        self._buf.data = memoryview(data)
+        self._buf.size = len(data)
+
     def producer(self, tensor: int) -> Operator | None:
         for op in self.operators:
             if tensor in op.outputs:
@@ -216,8 +225,9 @@ class Graph:
     def consumers(self, tensor: int) -> list[Operator]:
         return [op for op in self.operators if tensor in op.inputs]
 
-    def constant(self, tensor: int) -> np.ndarray | None:
-        """The raw stored value of a constant tensor, or None if it is computed."""
+    def constant(self, tensor: int, copy: bool = True) -> np.ndarray | None:
+        """The raw stored value of a constant tensor, or None if it is computed. `copy=False`: a
+        read-only view into the model's bytes, which it keeps alive (no second copy of big weights)."""
         t = self.tensors[tensor]
         if t.buffer <= 0 or t.buffer >= len(self._buffers) or t.dtype is None:
             return None
@@ -230,7 +240,8 @@ class Graph:
                 return None
             self._buf._check(offset, size)
             raw = np.frombuffer(self._buf.data, dtype=np.uint8, count=size, offset=offset)
-        arr = np.frombuffer(raw.tobytes(), dtype=np.dtype(t.dtype).newbyteorder("<"))
+        dtype = np.dtype(t.dtype).newbyteorder("<")
+        arr = np.frombuffer(raw.tobytes(), dtype=dtype) if copy else raw.view(dtype)
         return arr.reshape(t.shape) if t.shape else arr
 
 
@@ -342,14 +353,24 @@ def with_outputs(data: bytes, extra: list[int]) -> bytes:
     field_pos = sg.field_pos(2)  # the uoffset to the outputs vector
     if field_pos is None:
         raise GraphFormatError("subgraph 0 has no outputs field to extend")
-    out = bytearray(data)
-    out.extend(b"\0" * ((-len(out)) % 16))
-    vec_pos = len(out)
-    out.extend(struct.pack("<I", len(outputs)))
-    out.extend(struct.pack(f"<{len(outputs)}i", *outputs))
-    out.extend(b"\0" * ((-len(out)) % 16))
-    struct.pack_into("<I", out, field_pos, vec_pos - field_pos)
-    return bytes(out)
+    pad = (-len(data)) % 16
+    vec_pos = len(data) + pad
+    vector = struct.pack(f"<I{len(outputs)}i", len(outputs), *outputs)
+    vector += b"\0" * ((-(vec_pos + len(vector))) % 16)
+    return _patched(data, {field_pos: struct.pack("<I", vec_pos - field_pos)}, b"\0" * pad + vector)
+
+
+def _patched(data: bytes, patches: dict[int, bytes], tail: bytes = b"") -> bytes:
+    """`data` with the bytes at each position replaced and `tail` appended, made in one allocation:
+    a model is megabytes, and a board with 512 MB should not hold three copies of it at once."""
+    view = memoryview(data)
+    pieces: list[bytes | memoryview] = []
+    at = 0
+    for pos, new in sorted(patches.items()):
+        pieces += [view[at:pos], new]
+        at = pos + len(new)
+    pieces += [view[at:], tail]
+    return b"".join(pieces)
 
 
 def repair_quantized_dimensions(data: bytes) -> tuple[bytes, list[int]]:
@@ -362,7 +383,7 @@ def repair_quantized_dimensions(data: bytes) -> tuple[bytes, list[int]]:
     graph = parse(data)
     buf = _Buf(data)
     model = _Table(buf, buf.u32(0))
-    out: bytearray | None = None
+    patches: dict[int, bytes] = {}
     fixed: list[int] = []
     for sg_index, sg in enumerate(model.tables(2)):
         for i, t in enumerate(sg.tables(0)):
@@ -372,10 +393,8 @@ def repair_quantized_dimensions(data: bytes) -> tuple[bytes, list[int]]:
                 continue
             rank = len(t.vector(0, "i4"))
             if rank and buf.i32(pos) >= rank:
-                if out is None:
-                    out = bytearray(data)
-                struct.pack_into("<i", out, pos, 0)
+                patches[pos] = struct.pack("<i", 0)
                 if sg_index == 0:
                     fixed.append(i)
     del graph  # parsed first so that a malformed model fails here, with the reader's message
-    return (bytes(out) if out is not None else data), fixed
+    return (_patched(data, patches) if patches else data), fixed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from collections import deque
@@ -30,8 +31,9 @@ class StageTimes:
             self.done.append(finished)
 
     def medians(self) -> dict[str, float]:
+        # statistics, not numpy: np.median imports numpy.ma (1.2 MB) into a daemon that has no other use for it.
         with self._lock:
-            return {s: round(float(np.median(v)), 3) for s, v in self.times.items() if v}
+            return {s: round(float(statistics.median(v)), 3) for s, v in self.times.items() if v}
 
     def fps(self, now: float | None = None, span: float = 10.0) -> float:
         """Frames finished in the last `span` seconds, per second."""

@@ -20,16 +20,11 @@ import numpy as np
 
 from edgecam.core import cam as cam_math
 from edgecam.core.errors import EdgecamError
+from edgecam.core.methods.registry import REGISTRY
 from edgecam.core.model import Classifier, Inference
 from edgecam.core.preprocess import InputSpec
 
 CHUNK = 32  # masked inputs made and scored at a time: a RISE of 1000 masks never holds 1000 inputs
-
-# How much a map costs beyond the prediction's own inference, which decides where it is offered:
-# "frame": nothing, or next to nothing (the daemon may run it on every frame);
-# "map": tens of inferences (offered offline, and in evaluate by default);
-# "many": hundreds (offered offline; evaluate runs it when asked).
-COSTS = ("frame", "map", "many")
 
 
 @dataclass
@@ -47,12 +42,22 @@ class Method:
     """One explanation method. Options are dataclass fields on the subclass; the registry builds it."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]  # one line for --help and the docs
-    cost: ClassVar[str] = "frame"
-    # A method that prepares its own input (another shape) cannot be scored on the square input.
-    square_input: ClassVar[bool] = True
+    # From the method's entry in the registry (methods/registry.py), where they are declared.
+    summary: ClassVar[str]
+    cost: ClassVar[str]
+    square_input: ClassVar[bool]
 
     notice: str = ""  # set when the method had to change its plan (the wide CAM falling back)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return  # a family of methods (ChannelWeighted), not one
+        info = REGISTRY.get(name)
+        if info is None:
+            raise TypeError(f"method {name!r} ({cls.__name__}) has no entry in methods/registry.py")
+        cls.summary, cls.cost, cls.square_input = info.summary, info.cost, info.square_input
 
     def input_for(self, clf: Classifier, frame_shape: tuple[int, ...]) -> tuple[InputSpec, Any]:
         """The input to prepare the frame for, and the interpreter to run it on (None: the classifier's)."""

@@ -13,8 +13,6 @@ from edgecam.core.model import Classifier, Inference
 @dataclass
 class RandomMap(Method):
     name = "random"
-    summary = "uniform noise on the CAM's grid, seeded: the baseline a real method must beat"
-    cost = "frame"
     seed: int = 0
 
     def maps(self, clf: Classifier, x: np.ndarray, inference: Inference, classes: list[int],

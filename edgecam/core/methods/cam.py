@@ -15,8 +15,6 @@ class Cam(ChannelWeighted):
     """Raw (signed) class activation maps on the feature map's grid: mean(map) + bias is the logit."""
 
     name = "cam"
-    summary = "the class activation map: the classifier's weights over the last feature map (no extra inference)"
-    cost = "frame"
 
     def channel_weights(self, clf: Classifier, x: np.ndarray, inference: Inference, acts: np.ndarray,
                         classes: list[int], scorer: Scorer | None) -> tuple[np.ndarray, int, str]:

@@ -52,9 +52,6 @@ def weighted_ridge(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: flo
 @dataclass
 class Lime(Method):
     name = "lime"
-    summary = ("superpixels switched on and off (--samples inferences), a weighted linear fit of the score: "
-               "each segment's weight")
-    cost = "many"
     samples: int = 500
     segments: int = 50
     seed: int = 0

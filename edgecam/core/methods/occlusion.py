@@ -62,8 +62,6 @@ class Occlusion(Method):
     """Score drops under a grey patch at each position, averaged onto the CAM's grid."""
 
     name = "occlusion"
-    summary = "the score drop under a sliding grey patch, one inference per patch position"
-    cost = "map"
     patch: int = 56  # side, in model input pixels
     stride: int = 28
 

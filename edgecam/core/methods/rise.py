@@ -45,8 +45,6 @@ def rise_masks(rng: np.random.Generator, n: int, cells: int, height: int, width:
 @dataclass
 class Rise(Method):
     name = "rise"
-    summary = "random coarse masks (--samples inferences), the class scores as their weights"
-    cost = "many"
     samples: int = 1000
     cells: int = 7
     seed: int = 0

@@ -47,9 +47,6 @@ def find_stage(clf: Classifier, stage: str) -> Stage:
 @dataclass
 class ScoreCam(ChannelWeighted):
     name = "scorecam"
-    summary = ("Score-CAM at a stage (--stage, default the last): each channel masks the input, its class "
-               "score weights it (--channels K inferences)")
-    cost = "many"
     relu = True
     stage: str = "last"
     channels: int = 128

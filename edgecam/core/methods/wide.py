@@ -28,9 +28,6 @@ class WideCam(Cam):
     """The CAM of a widened input: a second interpreter per input shape, resized from the prepared model."""
 
     name = "wide"
-    summary = ("the CAM with the frame's aspect kept: short side at the input size, a wider map (7x13 for "
-               "16:9), for models pooled with MEAN")
-    square_input = False
     interpreters: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     # Why the square input is used instead; empty while the wide input works.
     reason: str = field(default="", init=False)

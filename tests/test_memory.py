@@ -1,0 +1,165 @@
+"""Memory: a command imports what it needs, the classifier holds its model once and its weights as
+stored, and the daemon's frames leave nothing behind (a Raspberry Pi Zero 2 W has 512 MB for all)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from broker import Broker
+from conftest import DEFAULT_MODEL, IMAGES, LABELS, ROOT, wait_until
+
+from edgecam.core.model import Classifier
+from edgecam.device.capture import Capture
+from edgecam.device.config import Config
+from edgecam.device.daemon import Daemon
+from edgecam.device.mqtt import MqttSink
+from edgecam.device.run import make_spool
+from edgecam.device.sources import Frame
+
+RUNTIMES = {"ai_edge_litert", "tflite_runtime"}
+OFFLINE = {"edgecam.core.layers", "edgecam.core.evaluate", "edgecam.core.methods.superpixels"}
+
+
+# `edgecam ARGS` with the modules it imported written out at exit (sys.modules: -X importtime misses
+# what importlib.import_module loads, which is how the method registry imports a method).
+PROBE = """import atexit, os, runpy, sys
+atexit.register(lambda: open(os.environ["EDGECAM_TEST_MODULES"], "w").write("\\n".join(sorted(sys.modules))))
+sys.argv[0] = "edgecam"
+runpy.run_module("edgecam", run_name="__main__")
+"""
+
+
+def imported(tmp_path: Path, *args: str,
+             env: dict[str, str] | None = None) -> tuple[set[str], subprocess.CompletedProcess]:
+    """The modules `edgecam ARGS` had imported when it exited."""
+    out = tmp_path / "modules.txt"
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, **(env or {}), "EDGECAM_TEST_MODULES": str(out)})
+    return set(out.read_text().split()), proc
+
+
+@pytest.mark.parametrize("args", [["--version"], ["watch", "--help"], ["dashboard", "--help"]])
+def test_a_command_that_needs_no_opencv_does_not_load_it(args: list[str], tmp_path: Path) -> None:
+    names, proc = imported(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert "cv2" not in names and not OFFLINE & names
+    if args != ["--version"]:  # which prints the runtime it loads
+        assert not RUNTIMES & names
+    # The methods' modules are imported when a method is made, and none is made here.
+    assert not {n for n in names if n.startswith("edgecam.core.methods.")} - {"edgecam.core.methods.registry"}
+
+
+def test_explain_help_lists_every_method_without_importing_one(tmp_path: Path) -> None:
+    names, proc = imported(tmp_path, "explain", "--help")
+    assert proc.returncode == 0, proc.stderr[-500:]
+    for method in ("cam", "occlusion", "wide", "lime", "scorecam", "rise", "random"):
+        assert f"{method}:" in proc.stdout
+    made = {n for n in names if n.startswith("edgecam.core.methods.")}
+    assert made <= {"edgecam.core.methods.registry", "edgecam.core.methods.base"}, made
+
+
+@pytest.mark.model
+def test_the_daemon_imports_the_cam_and_no_offline_method(broker: Broker, tmp_path: Path) -> None:
+    names, proc = imported(tmp_path, "run", "--source", str(IMAGES), "--once", "--max-frames", "3", "--broker",
+                           broker.address, "--device-id", "imports", "--model", str(DEFAULT_MODEL),
+                           "--overlay-every", "1", env={"EDGECAM_SPOOL_DIR": str(tmp_path / "state")})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert "stopped after 3 frames" in proc.stderr
+    methods = {n for n in names if n.startswith("edgecam.core.methods.")}
+    assert methods == {"edgecam.core.methods.base", "edgecam.core.methods.registry", "edgecam.core.methods.cam"}
+    assert not OFFLINE & names
+    assert "numpy.ma" not in names, "np.median/np.percentile import numpy.ma; the stats use statistics"
+    assert not {n for n in names if n.startswith("edgecam.web") or n.startswith("edgecam.cli.")}
+
+
+@pytest.mark.model
+def test_the_classifier_holds_its_model_once_and_its_weights_as_stored() -> None:
+    size = DEFAULT_MODEL.stat().st_size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        clf = Classifier(DEFAULT_MODEL, LABELS)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # One copy of the model (the one the interpreter runs, with two more outputs) and small things:
+    # not a second copy (4 MB) nor the weights dequantized whole (1001 x 1280 float32, 5 MB).
+    assert held < size + 1.5e6, f"the classifier holds {held / 1e6:.1f} MB for a {size / 1e6:.1f} MB model"
+    assert len(clf.prepared) >= size
+    # Rows come dequantized on demand, bit for bit the rows of the whole matrix.
+    whole = np.asarray(clf.head.weights)
+    assert whole.shape == (1001, 1280) and whole.dtype == np.float32
+    rows = clf.head.weights[[286, 0, 286]]
+    assert rows.dtype == np.float32 and np.array_equal(rows, whole[[286, 0, 286]])
+    assert np.array_equal(clf.head.weights[5], whole[5])
+
+
+class Frames:
+    """720p frames from memory, handed out in turn as a camera's buffers would be."""
+
+    live = False
+    description = "memory 1280x720"
+
+    def __init__(self) -> None:
+        self.frames = [cv2.resize(cv2.imread(str(IMAGES / name)), (1280, 720), interpolation=cv2.INTER_AREA)
+                       for name in ("cat_720p.jpg", "parrot.jpg", "bird.bmp")]
+        self.n = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> Frame:
+        self.n += 1
+        return Frame(self.frames[self.n % len(self.frames)], time.time(), time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.model
+def test_frames_leave_no_garbage_behind(broker: Broker, tmp_path: Path) -> None:
+    """Hundreds of frames through the whole loop (CAM, overlay every 10th, spool, real broker): what
+    Python holds afterwards is what it held before, give or take the frames in flight."""
+    cfg = Config()
+    cfg.device_id = "memory"
+    cfg.mqtt.host, cfg.mqtt.port = "127.0.0.1", broker.port
+    cfg.spool.dir = str(tmp_path / "state")
+    cfg.loop.overlay_every = 10
+    sink = MqttSink(cfg.mqtt, cfg.device, make_spool(cfg))
+    d = Daemon(cfg, Classifier(DEFAULT_MODEL, LABELS), Capture(Frames()), sink, "test")
+    sink.start()
+    try:
+        assert wait_until(lambda: sink.connected, 20)
+        d.frames(100)  # warm-up: caches, first imports, the spool's tables
+        d.finisher.wait()
+        d.publish_stats()
+        tracemalloc.start()
+        try:
+            held = []
+            for _ in range(3):
+                d.frames(150)
+                d.finisher.wait()
+                d.publish_stats()
+                assert wait_until(lambda: sink.spool.counts()["waiting"] == 0, 20)
+                gc.collect()
+                held.append(tracemalloc.get_traced_memory()[0])
+            top = tracemalloc.take_snapshot().statistics("lineno")[:5]
+        finally:
+            tracemalloc.stop()
+    finally:
+        sink.close(5)
+    assert d.seq == 550
+    # A leak of 300 bytes a frame would be 90 KB over the last 300 frames.
+    growth = held[-1] - held[0]
+    assert growth < 64_000, f"{growth} bytes more after 300 frames; biggest holders: {top}"
