@@ -106,9 +106,9 @@ def test_the_classifier_holds_its_model_once_and_its_weights_as_stored() -> None
 
 @pytest.mark.model
 def test_frames_leave_no_garbage_behind(broker: Broker, tmp_path: Path) -> None:
-    """Hundreds of 720p frames through the whole loop (a folder source as `edgecam run --source DIR` has,
-    CAM, overlay every 10th, spool, real broker): what
-    Python holds afterwards is what it held before, give or take the frames in flight."""
+    """Hundreds of 720p frames through the whole loop (a folder source, as `edgecam run --source DIR`
+    has; CAM, overlay every 10th, spool, real broker): what Python holds afterwards is what it held
+    before, give or take the frames in flight."""
     cfg = Config()
     cfg.device_id = "memory"
     cfg.mqtt.host, cfg.mqtt.port = "127.0.0.1", broker.port
