@@ -10,8 +10,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 STAGES = ("capture_age", "pre", "infer", "cam", "encode", "overlay", "publish", "total", "handover")
 
 
