@@ -265,3 +265,48 @@ def test_commands_beyond_the_inbox_are_refused_with_a_reply(broker: Broker, daem
     assert d.wait(30) == 0, d.log()
     rec.close()
 
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_commands_waiting_at_a_stop_or_reload_are_answered(tmp_path: Path, daemons, sig: signal.Signals) -> None:
+    """Commands the broker delivered to the device but the loop had not reached when it was told to
+    stop (or to reload) were dropped with the inbox: no reply, as if never sent. Each gets one now,
+    as do those arriving while the spool drains. The broker's log says what it delivered."""
+    from broker import paho_client
+
+    b = Broker(tmp_path / "b", extra_conf="log_type all").start()
+    try:
+        rec = Recorder(b.port, "edgecam/dev-w/#")
+        # A camera that gives no frame: the loop answers commands between one-second waits for one.
+        d = daemons("--source", "/dev/video9", "--broker", b.address, "--device-id", "dev-w",
+                    env={**ON, "EDGECAM_SOURCE_READ_TIMEOUT": "10", "EDGECAM_COMMANDS_RATE": "1000"})
+        assert rec.wait_for(lambda m: any(t.endswith("/status") for t, _, _ in m), 60), d.log()
+        # Until the device has subscribed (a command before that is not delivered to it).
+        for _ in range(60):
+            publish(b.port, "edgecam/dev-w/cmd", json.dumps({"cmd": "ping", "id": "probe"}))
+            if rec.wait_for(lambda m: any(r.get("id") == "probe" for r in _replies(m)), 1):
+                break
+        assert any(r.get("id") == "probe" for r in replies(rec)), d.log()
+        probes = sum(1 for line in b.log.read_text(errors="replace").splitlines()
+                     if "Sending PUBLISH to dev-w" in line and "'edgecam/dev-w/cmd'" in line)
+        client = paho_client(b.port)
+        for i in range(8):  # within the burst the rate limit allows
+            client.publish("edgecam/dev-w/cmd", json.dumps({"cmd": "ping", "id": i}), qos=1).wait_for_publish(30)
+
+        def delivered() -> int:
+            return sum(1 for line in b.log.read_text(errors="replace").splitlines()
+                       if "Sending PUBLISH to dev-w" in line and "'edgecam/dev-w/cmd'" in line) - probes
+
+        assert wait_until(lambda: delivered() == 8, 30, 0.001), b.log.read_text()[-2000:]
+        d.proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            assert d.wait(60) == 0, d.log()
+        answered = lambda: {r["id"] for r in replies(rec)} - {"probe"}  # noqa: E731
+        # Answered in any case: carried out before the loop ended, or refused saying why.
+        assert rec.wait_for(lambda _m: answered() == set(range(8)), 30), (replies(rec), d.log()[-2000:])
+        refused = [r for r in replies(rec) if not r["ok"]]
+        assert all("not carried out" in r["error"] for r in refused), refused
+        client.loop_stop()
+        client.disconnect()
+    finally:
+        b.stop()

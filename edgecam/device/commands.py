@@ -173,6 +173,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._counts = {"accepted": 0, "rejected": 0, "dropped": 0}
         self._dropped_logged = 0.0
+        self._closed = ""  # why commands are no longer carried out, once the loop has ended
 
     def receive(self, payload: bytes) -> bytes | None:
         if not self.limiter.allow():
@@ -191,9 +192,12 @@ class Inbox:
             log.error("commands: could not handle a command: %r", exc)
             return self.refuse(None, "internal error handling this command")
         with self._lock:
-            if len(self._queue) < self.capacity:
+            closed = self._closed
+            if not closed and len(self._queue) < self.capacity:
                 self._queue.append(cmd)
                 return None
+        if closed:
+            return self.refuse(cmd.id, closed)
         return self.refuse(cmd.id, f"busy: {self.capacity} commands wait for the frame loop already; "
                                    "this one is not carried out")
 
@@ -201,6 +205,14 @@ class Inbox:
         self.count("rejected")
         log.warning("commands: rejected: %s", error)
         return reply(rid, False, error=error)
+
+    def close(self, why: str) -> list[Command]:
+        """The loop has ended: the commands still waiting (to be refused by the caller), and from
+        now on each new one is refused with `why` at once. A command the broker handed over is
+        answered either way, never left without a reply."""
+        with self._lock:
+            self._closed = why
+        return self.take()
 
     def take(self) -> list[Command]:
         with self._lock:

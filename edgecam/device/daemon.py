@@ -251,6 +251,14 @@ class Daemon:
             self.inbox.count("accepted")
             self.reply(reply(cmd.id, True, cmd=cmd.cmd, **fields, seq=self.seq))
 
+    def refuse_commands(self) -> None:
+        """The loop has ended: commands still waiting, and those that come while the spool drains,
+        are answered with a refusal (the replies go out with the drain) instead of vanishing."""
+        doing = "reloading its configuration" if self.reload.is_set() else "stopping"
+        why = f"the device is {doing}: not carried out; send it again once it is online"
+        for cmd in self.inbox.close(why):
+            self.reply(self.inbox.refuse(cmd.id, why))
+
     def _explain(self, cmd: Command) -> dict[str, Any]:
         assert cmd.cls is not None
         wanted = self.requests.classes
@@ -312,6 +320,7 @@ class Daemon:
                 # (a take() waiting for one returns at once), so no read runs into the source's close.
                 self.capture.interrupt()
                 self.prefetch.close()
+                self.refuse_commands()
                 if self.reload.is_set():
                     self.notifier.reloading()
                 else:
