@@ -65,7 +65,10 @@ if "$PYTHON" -c 'import picamera2' >/dev/null 2>&1; then
 fi
 if [ "$system_site" -eq 1 ]; then
   venv_args+=(--system-site-packages)
-  constraints+=(-c constraints/bookworm.txt)
+  # Only where the system's NumPy is 1.x (bookworm): trixie's is 2.x, and Python 3.13 has no NumPy 1.x.
+  if "$PYTHON" -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' >/dev/null 2>&1; then
+    constraints+=(-c constraints/bookworm.txt)
+  fi
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv "${venv_args[@]}" .venv

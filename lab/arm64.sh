@@ -35,7 +35,7 @@ step() {  # name, command...: one PASS/FAIL line with the time it took
   fi
 }
 packages="python3,python3-venv,python3-numpy,python3-pip,ca-certificates,mosquitto"
-key="$( { cat "$0"; echo "$packages"; } | sha256sum | cut -c1-16)"
+key="$(echo "bookworm arm64 minbase $packages" | sha256sum | cut -c1-16)"
 base="$cache/arm64-bookworm-$key"
 run="$(mktemp -d "$cache/arm64-run.XXXXXX")"
 root="$run/root"
@@ -53,10 +53,13 @@ cleanup() { for m in proc sys dev; do mountpoint -q "$root/$m" && umount -l "$ro
 trap cleanup EXIT
 mount -t proc proc "$root/proc"; mount -t sysfs sys "$root/sys"; mount --bind /dev "$root/dev"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# pip in the root trusts what the host's pip trusts (a site's proxy CA, where there is one).
+cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/ssl/certs/lab-host-ca.crt"
 mkdir -p "$root/work/edgecam" "$root/work/shared"
 git ls-files -co --exclude-standard -z | tar -c --null -T - | tar -x -C "$root/work/edgecam"
 cp -r "$shared/models" "$shared/images" "$root/work/shared/"
-in_root() { chroot "$root" env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"; }
+in_root() { chroot "$root" env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+  PIP_CERT=/etc/ssl/certs/lab-host-ca.crt "$@"; }
 
 step python in_root python3 -c 'import sys, numpy, platform; print(platform.machine(), sys.version.split()[0], "numpy", numpy.__version__)'
 # Which aarch64 wheels exist for CPython 3.11 (pip's own answer, no install).

@@ -48,7 +48,7 @@ port = 1883
 CONF_PATH = "/etc/edgecam/edgecam.toml"
 QUICK = ["boot", "network", "install", "ready", "results", "sandbox", "reload", "watchdog", "camera_removed",
          "stop", "security", "journal"]
-ALL = [*QUICK[:-3], "power_cut", "stop", "security", "journal", "install_twice", "uninstall"]
+ALL = [*QUICK[:-3], "power_cut", "stop", "security", "journal", "install_twice", "uninstall", "picamera2"]
 
 
 class Lab:
@@ -67,6 +67,10 @@ class Lab:
 
     def main_pid(self) -> int:
         return int(self.sh("systemctl show -p MainPID --value edgecam").strip() or 0)
+
+    def mount_payload(self) -> None:
+        """The run's payload disk at /lab (again after a reboot)."""
+        self.sh("mountpoint -q /lab || mount -o ro /dev/vdb /lab")
 
     def write_config(self, extra: str = "") -> None:
         self.vm.ssh(f"cat > {CONF_PATH}", input=CONFIG.format(extra=extra).encode(), check=True)
@@ -119,7 +123,7 @@ class Lab:
 
     def check_install(self) -> str:
         t0 = time.monotonic()
-        self.sh("mountpoint -q /lab || mount -o ro /dev/vdb /lab")
+        self.mount_payload()
         self.sh("rm -rf /root/edgecam && mkdir /root/edgecam && tar -xf /lab/src.tar -C /root/edgecam")
         out = self.sh("cd /root/edgecam && bash systemd/install.sh --wheelhouse /lab/wheels --mirror /lab/models",
                       timeout=900)
@@ -133,7 +137,8 @@ class Lab:
         return f"install.sh --wheelhouse --mirror in {self.timings['install']:.0f} s, unit enabled; {version}"
 
     def check_ready(self) -> str:
-        self.sh("modprobe vivid && udevadm settle")
+        # The camera's driver loads at boot, as a real camera's does.
+        self.sh("echo vivid > /etc/modules-load.d/vivid.conf && modprobe vivid && udevadm settle")
         dev = self.sh("v4l2-ctl -d /dev/video0 --info | sed -n 's/.*Card type *: //p'").strip()
         self.rec.start()
         t0 = time.monotonic()
@@ -252,9 +257,12 @@ print(json.dumps([[json.loads(p)["boot"], json.loads(p)["seq"]] for (p,) in rows
         self.vm.reset()
         self.broker.start()
         self.vm.wait_ssh(self.args.boot_timeout)
-        new = self.result(t_cut, "a result from the boot after the power cut", lambda x: x["boot"] != boot, 600)
+        def old_boot() -> list[int]:
+            return sorted({m.json()["seq"] for m in self.rec.since(0, "/result") if m.json()["boot"] == boot})
+
         # The spool is first in, first out: by the new boot's first result the old rows have gone out.
-        got = sorted({m.json()["seq"] for m in self.rec.since(0, "/result") if m.json()["boot"] == boot})
+        new = self.result(t_cut, "a result from the boot after the power cut", lambda x: x["boot"] != boot, 600)
+        got = old_boot()
         expected = set(range(got[0], durable + 1))
         missing = sorted(expected - set(got))
         lost = max(0, last - got[-1])
@@ -290,6 +298,48 @@ print(json.dumps([[json.loads(p)["boot"], json.loads(p)["seq"]] for (p,) in rows
         assert not cpuinfo, cpuinfo[0]
         return f"{len(text.splitlines())} journal lines for edgecam, no traceback"
 
+    def check_picamera2(self) -> str:
+        """picamera2 from PyPI over trixie's libcamera 0.4 and its virtual camera playing a shared photograph;
+        edgecam with source.kind = "picamera2" under the unit; its top-1 against `edgecam explain`."""
+        photo = self.args.photo
+        # As `sudo pip install --break-system-packages picamera2` would: into the system's dist-packages,
+        # its compiled dependencies from Debian (python3-libcamera, -prctl, -av, -pil, -numpy, ...).
+        self.mount_payload()
+        self.sh("python3 -m venv /root/pip && /root/pip/bin/pip install -q --no-index --no-deps "
+                "--find-links /lab/wheels-picamera2 --target /usr/local/lib/python3.13/dist-packages "
+                "picamera2 videodev2 simplejpeg openexr pidng", timeout=600)
+        self.sh(f"install -d -m 0755 /srv/frames && install -m 0644 /lab/images/{photo} /srv/frames/{photo}")
+        yaml = (f'"Virtual0":\n  supported_formats:\n  - width: 640\n    height: 480\n'
+                f'  frames:\n    path: "/srv/frames/{photo}"\n  location: "CameraLocationFront"\n'
+                f'  model: "Virtual Video Device"\n')
+        for d in ("/usr/share/libcamera/pipeline/virtual", "/etc/libcamera/pipeline/virtual"):
+            self.sh(f"install -d {d}")
+            self.vm.ssh(f"cat > {d}/virtual.yaml", input=yaml.encode(), check=True)
+        cams = self.vm.ssh("cam -l 2>&1", timeout=120).stdout
+        assert "Virtual" in cams or "virtual" in cams, f"cam -l: {' '.join(cams.split())[-300:]}"
+        probe = self.vm.ssh("""python3 -c '
+from picamera2 import Picamera2
+cam = Picamera2()
+cfg = cam.create_video_configuration(main={"size": (224, 224), "format": "RGB888"}, buffer_count=4, queue=False)
+cam.configure(cfg)
+cam.start()
+a = cam.capture_array("main")
+print("main", cam.camera_config["main"]["format"], cam.camera_config["main"]["size"], a.shape)
+cam.close()' 2>&1""", timeout=300)
+        assert probe.returncode == 0, f"picamera2 capture: {' '.join(probe.stdout.split())[-400:]}"
+        # The service, reinstalled: install.sh sees the system's picamera2 and makes a --system-site-packages venv.
+        self.sh("systemctl stop edgecam; cd /root/edgecam && bash systemd/install.sh --uninstall && "
+                "bash systemd/install.sh --wheelhouse /lab/wheels --mirror /lab/models", timeout=900)
+        cfg = CONFIG.format(extra="").replace('kind = "opencv"\nuri = "/dev/video0"', 'kind = "picamera2"')
+        self.vm.ssh(f"cat > {CONF_PATH}", input=cfg.encode(), check=True)
+        t0 = time.monotonic()
+        self.sh("systemctl start edgecam", timeout=300)
+        r = self.result(t0, "a result from picamera2", timeout=300)
+        want = self.sh(f"/opt/edgecam/venv/bin/edgecam explain /srv/frames/{photo} --top 1 2>&1", timeout=300)
+        got = r["top"][0]["label"]
+        assert got.lower() in want.lower(), f"service top-1 {got!r}; explain says {' '.join(want.split())[:200]!r}"
+        return f"{probe.stdout.strip()}; service top-1 {got} {r['top'][0]['score']} matches explain on {photo}"
+
     def tree(self) -> str:
         """Every installed file's path, size, mode, time and content hash: what 'changes nothing' compares."""
         return self.sh("find /opt/edgecam /etc/edgecam /etc/systemd/system/edgecam.service "
@@ -298,6 +348,7 @@ print(json.dumps([[json.loads(p)["boot"], json.loads(p)["seq"]] for (p,) in rows
                        "| LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum", timeout=300)
 
     def check_install_twice(self) -> str:
+        self.mount_payload()
         self.sh("systemctl start edgecam", timeout=300)
         pid = self.main_pid()
         before = self.tree()
@@ -377,6 +428,7 @@ def main() -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--checks", default="all")
     ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--photo", default="parrot.jpg", help="the photograph libcamera's virtual camera plays")
     ap.add_argument("--boot-timeout", type=float, default=600)
     args = ap.parse_args()
     names = {"all": ALL, "quick": QUICK}.get(args.checks) or args.checks.split(",")

@@ -56,6 +56,9 @@ t_image=$(( $(date +%s) - t0 ))
 t1=$(date +%s)
 wheels="$(bash lab/wheelhouse.sh "$cache" 3.13 x86_64 "$repo")"
 t_wheels=$(( $(date +%s) - t1 ))
+# picamera2 from PyPI, and those of its dependencies that Debian trixie does not package (PiDNG,
+# which has no wheel, was built into the image's wheels/ directory).
+picam_wheels="$(bash lab/wheelhouse.sh --only "$cache" 3.13 x86_64 "$repo" picamera2 videodev2 simplejpeg openexr)"
 
 # The run's payload disk: this checkout (tracked and untracked files, as a clone would have them
 # plus local edits), the wheelhouse, the models and the photographs. Rebuilt every run: seconds.
@@ -65,6 +68,8 @@ trap cleanup EXIT
 mkdir -p "$run/payload/models" "$run/payload/images"
 git ls-files -co --exclude-standard -z | tar -c --null -T - -f "$run/payload/src.tar"
 cp -r "$wheels" "$run/payload/wheels"
+mkdir -p "$run/payload/wheels-picamera2"
+cp "$picam_wheels"/*.whl "$image"/wheels/*.whl "$run/payload/wheels-picamera2/"
 find "$shared/models" -maxdepth 1 -type f -exec cp {} "$run/payload/models/" \;
 cp "$shared"/images/* "$run/payload/images/"
 chmod -R a+rX "$run/payload"

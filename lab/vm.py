@@ -52,9 +52,14 @@ class Broker:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / "mosquitto.conf"
+        # Mosquitto started by root drops to its own user, which must be able to save its state.
+        store = workdir / "broker"
+        store.mkdir(exist_ok=True)
+        store.chmod(0o1777)
+        workdir.chmod(0o755)
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nautosave_interval 1\n"
+            f"persistence_location {store}/\nautosave_interval 1\n"
         )
 
     def up(self) -> bool:

@@ -84,8 +84,12 @@ pip_source=()
 venv_args=()
 constraints=()
 if "$PYTHON" -c 'import picamera2' >/dev/null 2>&1; then
-  venv_args+=(--system-site-packages)   # Debian's picamera2 and libcamera (see README)
-  constraints+=(-c "$src/constraints/bookworm.txt")
+  venv_args+=(--system-site-packages)   # Debian's picamera2 and libcamera (see docs/install.md)
+  # bookworm's packages are built against its NumPy 1.24: keep NumPy 1.x there. trixie's NumPy is
+  # 2.x (and no NumPy 1.x wheel exists for its Python 3.13): no constraints.
+  if "$PYTHON" -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' >/dev/null 2>&1; then
+    constraints+=(-c "$src/constraints/bookworm.txt")
+  fi
 fi
 if [ ! -x "$opt/venv/bin/python" ]; then
   say "creating $opt/venv"
