@@ -58,7 +58,9 @@ cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/ssl/certs/lab-ho
 mkdir -p "$root/work/edgecam" "$root/work/shared"
 git ls-files -co --exclude-standard -z | tar -c --null -T - | tar -x -C "$root/work/edgecam"
 cp -r "$shared/models" "$shared/images" "$root/work/shared/"
-in_root() { chroot "$root" env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# A Raspberry Pi 4's cores (QEMU_CPU=cortex-a76 for a Pi 5); qemu's default "max" has features no Pi has.
+qemu_cpu="${LAB_QEMU_CPU:-cortex-a72}"
+in_root() { chroot "$root" env -i QEMU_CPU="$qemu_cpu" HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 \
   PIP_CERT=/etc/ssl/certs/lab-host-ca.crt "$@"; }
 
 step python in_root python3 -c 'import sys, numpy, platform; print(platform.machine(), sys.version.split()[0], "numpy", numpy.__version__)'
@@ -78,9 +80,9 @@ cat "$run/wheels.log"
 step setup in_root bash -c 'cd /work/edgecam && bash setup.sh --system-site-packages --no-broker --mirror ../shared/models'
 step numpy in_root bash -c 'cd /work/edgecam && .venv/bin/python -c "import numpy; print(\"venv uses numpy\", numpy.__version__, numpy.__file__)"'
 step test-deps in_root bash -c 'cd /work/edgecam && .venv/bin/pip install -q -c constraints/bookworm.txt -e ".[test]" && echo installed the test extra'
-step pytest-litert in_root bash -c 'cd /work/edgecam && EDGECAM_RUNTIME=litert .venv/bin/python -m pytest -q -p no:cacheprovider -m model 2>&1 | tail -15'
+step pytest-litert in_root bash -o pipefail -c 'cd /work/edgecam && EDGECAM_RUNTIME=litert .venv/bin/python -m pytest -q -p no:cacheprovider -m model 2>&1 | tail -15'
 step tflite in_root bash -c 'cd /work/edgecam && .venv/bin/pip install -q -c constraints/bookworm.txt ".[tflite]" && .venv/bin/edgecam --version'
-step pytest-tflite in_root bash -c 'cd /work/edgecam && EDGECAM_RUNTIME=tflite .venv/bin/python -m pytest -q -p no:cacheprovider -m model 2>&1 | tail -15'
-step explain in_root bash -c 'cd /work/edgecam && .venv/bin/edgecam explain ../shared/images 2>&1 | tail -20'
+step pytest-tflite in_root bash -o pipefail -c 'cd /work/edgecam && EDGECAM_RUNTIME=tflite .venv/bin/python -m pytest -q -p no:cacheprovider -m model 2>&1 | tail -15'
+step explain in_root bash -o pipefail -c 'cd /work/edgecam && .venv/bin/edgecam explain ../shared/images 2>&1 | tail -20'
 grep -h "passed\|failed" "$run"/pytest-*.log | tail -4
 exit $status
