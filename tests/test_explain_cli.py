@@ -107,6 +107,18 @@ def test_inspect_and_version(model_cache: Path) -> None:
     assert "ai-edge-litert" in ver.stdout or "tflite-runtime" in ver.stdout
 
 
+def test_models_prepare_never_writes_over_its_input(tmp_path: Path) -> None:
+    model = tmp_path / "m.tflite"
+    model.write_bytes((MODELS / "mobilenet_v1_0.25_128_quant.tflite").read_bytes())
+    before = model.read_bytes()
+    link = tmp_path / "same.tflite"
+    link.symlink_to(model)
+    for out in (model, link):
+        res = run_cli("models", "prepare", model, out)
+        assert res.returncode == 2 and "is the input model itself" in res.stderr and "Traceback" not in res.stderr
+    assert model.read_bytes() == before
+
+
 def test_models_prepare_writes_a_model_with_the_feature_output(tmp_path: Path) -> None:
     out = tmp_path / "prepared.tflite"
     res = run_cli("models", "prepare", MODELS / "tf2_mobilenet_v2_1.0_224_ptq.tflite", out)

@@ -374,6 +374,8 @@ def _models(args: argparse.Namespace) -> int:
     if args.models_command == "prepare":
         from edgecam.core.model import analyse, prepare, read_model
 
+        if args.output.exists() and args.input.exists() and args.output.samefile(args.input):
+            raise EdgecamError(f"{args.output}: is the input model itself; write the prepared copy elsewhere")
         data = read_model(args.input)
         _, head = analyse(args.input, data)
         out, repairs = prepare(data, head)
