@@ -16,6 +16,7 @@ from conftest import IMAGES, LABELS, MODELS, one_error_line, run_cli
 
 from edgecam.core.model import Classifier
 from edgecam.core.preprocess import normalization, to_input
+from edgecam.core.runtime import get_runtime
 
 pytestmark = pytest.mark.model
 
@@ -48,6 +49,8 @@ SETUPS = {
 }
 
 # From the README's table (first synonym for ImageNet labels).
+REFERENCE_STACK = get_runtime().key == "litert" and int(cv2.__version__.split(".")[0]) >= 5
+
 EXPECTED = {
     "resnet8_int8": {"cat.bmp": ("cat", 0.95), "cat_720p.jpg": ("cat", 0.93), "bird.bmp": ("bird", 1.00),
                      "parrot.jpg": ("bird", 0.71), "grace_hopper.bmp": ("truck", 0.94)},
@@ -80,7 +83,10 @@ def test_labels_the_readme_lists(models: dict[str, Classifier], key: str, image:
     label, score = EXPECTED[key][image]
     got, got_score, _ = top1(models[key], image)
     assert got == label
-    assert abs(got_score - score) <= 0.05, (key, image, got_score)
+    # The README's scores were measured with ai-edge-litert and OpenCV 5; on the bookworm shape
+    # (tflite-runtime or OpenCV 4.11's INTER_AREA) the 32-pixel ResNet's scores move further
+    # (parrot: 0.81 against 0.71), the labels not.
+    assert abs(got_score - score) <= (0.05 if REFERENCE_STACK else 0.15), (key, image, got_score)
 
 
 def test_float_resnet_agrees_with_its_int8_twin_given_the_normalisation(models: dict[str, Classifier]) -> None:
