@@ -267,9 +267,7 @@ def test_commands_beyond_the_inbox_are_refused_with_a_reply(broker: Broker, daem
 
 
 
-# SIGHUP (a reload) takes the same path and passes alone, but lost a reply once under a loaded
-# machine (cause not found yet), so only the stop is pinned here.
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_commands_waiting_at_a_stop_or_reload_are_answered(tmp_path: Path, daemons, sig: signal.Signals) -> None:
     """Commands the broker delivered to the device but the loop had not reached when it was told to
     stop (or to reload) were dropped with the inbox: no reply, as if never sent. Each gets one now,

@@ -86,7 +86,10 @@ class MqttSink:
         self.client.max_queued_messages_set(WINDOW + 64)
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+        self.client.on_unsubscribe = self._on_unsubscribe
         self._cond = threading.Condition()
+        self._replies: list[paho.MQTTMessageInfo] = []  # replies perhaps not acknowledged yet
+        self._unsubacks: set[int] = set()
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
         # Every mid paho reports as sent or acknowledged, results or not: the sender keeps those
         # of its own in-flight results and ignores the rest (overlays, stats, replies, status).
@@ -127,6 +130,8 @@ class MqttSink:
 
     def _on_down(self) -> None:
         self._connected.clear()
+        with self._cond:
+            self._cond.notify_all()  # a close waiting for the broker's acks waits no longer
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -159,6 +164,11 @@ class MqttSink:
             log.info("homeassistant: it came online; publishing discovery and the latest result again")
             self._announce(client)
             self._give_state(client)
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, *_: Any) -> None:
+        with self._cond:
+            self._unsubacks.add(mid)
+            self._cond.notify_all()
 
     def _announce(self, client: paho.Client) -> None:
         for t, payload in self.discovery:
@@ -301,7 +311,31 @@ class MqttSink:
 
     def reply(self, payload: bytes) -> None:
         if self.connected:
-            self.client.publish(self.topics[CMD_REPLY], payload, qos=1)
+            # paho calls on_publish holding its own lock: publish outside ours.
+            info = self.client.publish(self.topics[CMD_REPLY], payload, qos=1)
+            with self._cond:
+                self._replies = [i for i in self._replies if not i.is_published()]
+                self._replies.append(info)
+
+    def _close_commands(self, deadline: float) -> None:
+        """No more commands, and the replies to those received are delivered, before 'offline'.
+
+        Once the broker acknowledges the unsubscribe it sends no more commands, and every command
+        it sent before was read (and answered) first: paho reads the connection in order. A
+        disconnect while replies are still being written cut them off (the broker saw a broken packet).
+        """
+        if self.on_command is None:
+            return
+        rc, mid = self.client.unsubscribe(self.topics[CMD])
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with self._cond:
+                self._cond.wait_for(lambda: mid in self._unsubacks or not self.connected,
+                                    max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            replies = list(self._replies)
+        for info in replies:
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
 
     def drain(self, timeout: float) -> None:
         """Deliver what the spool holds, up to `timeout` s."""
@@ -316,6 +350,7 @@ class MqttSink:
         deadline = time.monotonic() + timeout
         self.connected_at_close = self.connected
         if self.connected:
+            self._close_commands(deadline)
             if self._last_stats is not None:
                 self.client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True)
             info = self.client.publish(self.topics[STATUS], "offline", qos=1, retain=True)
