@@ -41,6 +41,16 @@ def _replies(messages: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
     return [json.loads(p) for t, p, _ in messages if t.endswith("/cmd/reply")]
 
 
+def counted(messages: list[tuple[str, bytes, bool]], at_least: int) -> dict[str, int] | None:
+    """The command counts of the latest stats message, once they account for at_least commands:
+    waiting on the daemon's own account, not on a fixed time (a flood can take seconds to arrive)."""
+    for t, p, _ in reversed(messages):
+        if t.endswith("/stats"):
+            c = json.loads(p)["commands"]
+            return c if c["accepted"] + c["rejected"] + c["dropped"] >= at_least else None
+    return None
+
+
 def start(daemons, broker: Broker, folder: Path, device: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     rec = Recorder(broker.port, f"edgecam/{device}/#")
     d = daemons("--source", folder, "--source-fps", "4", "--broker", broker.address, "--device-id", device,
@@ -136,16 +146,9 @@ def test_a_flood_of_commands_is_dropped_not_served(broker: Broker, daemons, cat_
 
     # Wait for the daemon's own account of all 300 rather than a fixed time: on a busy machine
     # the flood can take seconds to arrive, and the bucket refills (2 a second) meanwhile.
-    def counted(m: list[tuple[str, bytes, bool]]) -> dict[str, int] | None:
-        for t, p, _ in reversed(m):
-            if t.endswith("/stats"):
-                c = json.loads(p)["commands"]
-                return c if c["accepted"] + c["dropped"] >= 300 else None
-        return None
-
-    assert rec.wait_for(lambda m: counted(m) is not None, 30), d.log()
+    assert rec.wait_for(lambda m: counted(m, 300) is not None, 30), d.log()
     took = time.monotonic() - began  # an upper bound on how long the bucket had to refill
-    seen = counted(rec.messages)
+    seen = counted(rec.messages, 300)
     assert seen is not None and seen["accepted"] + seen["dropped"] == 300 and seen["rejected"] == 0, seen
     # A burst of 10, then 2 a second.
     assert 10 <= seen["accepted"] <= 10 + 2 * took + 1, (seen, took)
@@ -244,15 +247,8 @@ def test_commands_beyond_the_inbox_are_refused_with_a_reply(broker: Broker, daem
     client.disconnect()
     client.loop_stop()
 
-    def counted(m: list[tuple[str, bytes, bool]]) -> dict[str, int] | None:
-        for t, p, _ in reversed(m):
-            if t.endswith("/stats"):
-                c = json.loads(p)["commands"]
-                return c if c["accepted"] + c["rejected"] + c["dropped"] >= n + 1 else None
-        return None
-
-    assert rec.wait_for(lambda m: counted(m) is not None, 60), d.log()
-    seen = counted(rec.messages)
+    assert rec.wait_for(lambda m: counted(m, n + 1) is not None, 60), d.log()
+    seen = counted(rec.messages, n + 1)
     assert seen is not None and seen["accepted"] + seen["rejected"] + seen["dropped"] == n + 1, seen
     answers = [a for a in replies(rec) if a["id"] != "probe"]
     ids = [a["id"] for a in answers]

@@ -15,33 +15,22 @@ from pathlib import Path
 import pytest
 from broker import Broker
 from conftest import IMAGES, MODELS, ROOT
+from notify_socket import NotifySocket
 
 UNIT = ROOT / "systemd" / "edgecam.service"
 INSTALL = ROOT / "systemd" / "install.sh"
 
 
 def test_notify_ready_watchdog_status_stopping(broker: Broker, daemons, tmp_path: Path, model_cache: Path) -> None:
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(60)
-    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}  # ping every 0.5 s
+    sock = NotifySocket(tmp_path / "notify.sock", poll=0.5)
+    env = {"NOTIFY_SOCKET": str(sock.path), "WATCHDOG_USEC": "1000000"}  # ping every 0.5 s
     d = daemons("--source", IMAGES, "--source-fps", "4", "--broker", broker.address, "--device-id", "dev-n", env=env)
-    messages: list[dict[str, str]] = []
-
-    def receive(until: float, done: Callable[[], bool] = lambda: False) -> None:
-        while time.monotonic() < until and not done():
-            try:
-                data = sock.recv(4096)
-            except TimeoutError:
-                continue
-            messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+    messages, receive = sock.messages, sock.receive
 
     def ready() -> list[dict[str, str]]:
         return [m for m in messages if m.get("READY") == "1"]
 
     try:
-        sock.settimeout(0.5)
         # Start-up (imports, model, source) takes its own time on a busy machine; count from READY.
         receive(time.monotonic() + 90, lambda: bool(ready()))
         assert ready(), (messages, d.log())

@@ -7,7 +7,6 @@ per-frame step, wrapped) that blocks on a FIFO until the test writes to it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IMAGES, ROOT
+from notify_socket import NotifySocket
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
@@ -42,14 +42,11 @@ sys.exit(main(sys.argv[3:]))
 
 
 def test_a_hung_loop_stops_the_watchdog_pings(tmp_path: Path) -> None:
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(0.2)
+    sock = NotifySocket(tmp_path / "notify.sock")
     trigger, fifo = tmp_path / "hang", tmp_path / "fifo"
     os.mkfifo(fifo)
     interval = 0.2  # WATCHDOG_USEC / 2
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": str(int(2 * interval * 1e6)),
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock.path), "WATCHDOG_USEC": str(int(2 * interval * 1e6)),
            "EDGECAM_SPOOL_DIR": str(tmp_path / "state")}
     log = (tmp_path / "daemon.log").open("wb")
     proc = subprocess.Popen(
@@ -57,15 +54,7 @@ def test_a_hung_loop_stops_the_watchdog_pings(tmp_path: Path) -> None:
          "run", "--source", str(IMAGES), "--source-fps", "10", "--no-mqtt", "--device-id", "dev-w"],
         stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT,
     )
-    messages: list[dict[str, str]] = []
-
-    def receive(until: float, done=lambda: False) -> None:  # type: ignore[no-untyped-def]
-        while time.monotonic() < until and not done():
-            try:
-                data = sock.recv(4096)
-            except TimeoutError:
-                continue
-            messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+    messages, receive = sock.messages, sock.receive
 
     def pings(after: str | None = None) -> int:
         start = 0 if after is None else next(i for i, m in enumerate(messages) if after in m)
