@@ -14,14 +14,23 @@ import cv2
 import numpy as np
 import pytest
 from broker import Broker, Recorder, free_port, publish
-from conftest import EXPECTED, IMAGES, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli, wait_until
+from conftest import EXPECTED, IMAGES, ROOT, SCORE_TOLERANCE, cpu_seconds, one_error_line, run_cli, wait_until
 
 from edgecam.contract import decode_cam
+from edgecam.device.spool import Quota, Spool
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
 IMAGE_NAMES = sorted(p.name for p in IMAGES.iterdir() if p.suffix.lower() in {".jpg", ".bmp", ".png"})
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def contract_keys(section: str) -> set[str]:
+    """The keys docs/mqtt-contract.md lists for a section of the stats message."""
+    doc = (ROOT / "docs" / "mqtt-contract.md").read_text()
+    found = re.search(rf'"{section}": \{{([^}}]*)\}}', doc)
+    assert found, section
+    return set(re.findall(r'"(\w+)"', found.group(1)))
 
 
 def explain_json() -> dict[str, dict[str, Any]]:
@@ -90,6 +99,10 @@ def test_every_result_arrives_and_matches_explain(broker: Broker, daemons, tmp_p
     assert stats["frames"]["published"] == len(IMAGE_NAMES)
     assert stats["runtime"] and stats["model"] == "tf2_mobilenet_v2_1.0_224_ptq"
     assert {"pre", "infer", "cam", "encode", "total"} <= set(stats["timing_ms"])
+    # stats.spool is what the spool counts (one list of names, in device/spool.py) and the results
+    # in flight, and the contract says exactly those.
+    kinds = {"result": Quota(1, 1, "drop_oldest"), "overlay": Quota(1, 1, "drop_oldest")}
+    assert set(stats["spool"]) == {"inflight", *Spool(None, kinds).counts()} == contract_keys("spool")
 
     # What a dashboard that connects later sees: the retained status and stats.
     late = Recorder(broker.port, ["edgecam/dev-a/status", "edgecam/dev-a/stats"])

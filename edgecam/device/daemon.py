@@ -43,8 +43,6 @@ DAEMON_METHOD = "cam"
 # Signals a reload holds from just before its exec until the new process has its handlers.
 HELD_ACROSS_RELOAD = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
-SPOOL_KEYS = ("waiting", "bytes", "in_memory", "inflight", "dropped_results", "dropped_overlays", "lost_corrupt")
-
 
 @dataclass
 class Picture:
@@ -470,7 +468,7 @@ class Daemon:
                 "overlays": counts.get("overlays", 0),
                 "acked": counts.get("acked", 0),
             },
-            "spool": {k: v for k, v in counts.items() if k in SPOOL_KEYS},
+            "spool": self.sink.spool_counts,
             "commands": self.inbox.counts(),
             "mqtt": {"connected": self.sink.connected, "connects": counts.get("connects", 0)},
             "timing_ms": self.times.medians(),

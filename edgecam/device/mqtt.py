@@ -54,6 +54,8 @@ class Sink(Protocol):
     def connected(self) -> bool: ...
     @property
     def counts(self) -> dict[str, int]: ...
+    @property
+    def spool_counts(self) -> dict[str, int]: ...
 
 
 class MqttSink:
@@ -278,7 +280,12 @@ class MqttSink:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {**self._counts, "inflight": len(self._inflight), **self.spool.counts()}
+        return {**self._counts, **self.spool_counts}
+
+    @property
+    def spool_counts(self) -> dict[str, int]:
+        """stats.spool: what the spool counts, and the results sent but not yet acknowledged."""
+        return {"inflight": len(self._inflight), **self.spool.counts()}
 
     def result(self, payload: bytes) -> None:
         self._last_result = payload
@@ -382,6 +389,10 @@ class StdoutSink:
     @property
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
+
+    @property
+    def spool_counts(self) -> dict[str, int]:
+        return {}  # no spool: stdout takes every result at once
 
     def result(self, payload: bytes) -> None:
         sys.stdout.write(payload.decode("utf-8") + "\n")
