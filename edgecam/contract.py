@@ -234,3 +234,53 @@ def _number(v: Any) -> bool:
         return math.isfinite(v)
     except OverflowError:
         return False
+
+
+def result_identity(payload: bytes) -> tuple[str, int] | None:
+    """(boot, seq) of a result payload, or None when it is not one that says them."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    boot, seq = obj.get("boot"), obj.get("seq")
+    if not isinstance(boot, str) or isinstance(seq, bool) or not isinstance(seq, int):
+        return None
+    return boot, seq
+
+
+# How the run before a device's current one ended, as its stats say in "previous" (an additive key
+# of v1): "clean" (stopped, its spool closed), "killed" (ended without a stop under the same kernel
+# boot: nothing lost), "power_cut" (a new kernel boot: up to `lost_at_most` results after `last_seq`
+# may be lost; an upper bound, at most the reservation the spool makes ahead of its results).
+RUN_ENDS = ("clean", "killed", "power_cut")
+
+
+def check_previous(obj: Any) -> dict[str, Any] | None:
+    """The "previous" of a stats message: None when absent, else the checked object or PayloadError."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise PayloadError("'previous' is not an object")
+    if not isinstance(obj.get("boot"), str) or len(obj["boot"]) > 64:
+        raise PayloadError("'previous.boot' is not a boot id")
+    if obj.get("end") not in RUN_ENDS:
+        raise PayloadError(f"'previous.end' {shown(obj.get('end'))} is not one of {', '.join(RUN_ENDS)}")
+    for key in ("last_seq", "lost_at_most"):
+        v = obj.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise PayloadError(f"'previous.{key}' {shown(v)} is not a whole number, 0 or more")
+    return obj
+
+
+def gap_text(previous: dict[str, Any] | None) -> str | None:
+    """One line for a consumer about a previous run that did not stop cleanly; None when it did (or unknown)."""
+    if previous is None or previous["end"] == "clean":
+        return None
+    after = f"seq {previous['last_seq']}" if previous["last_seq"] else "its start"
+    if previous["end"] == "killed":
+        return f"previous run {previous['boot']} ended without a stop after {after}; nothing lost"
+    n = previous["lost_at_most"]
+    lost = f"up to {n} result{'s' if n != 1 else ''} lost after {after}" if n else "nothing lost"
+    return f"previous run {previous['boot']} ended by a power cut: {lost}"

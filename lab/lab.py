@@ -270,9 +270,20 @@ print(json.dumps([[json.loads(p)["boot"], json.loads(p)["seq"]] for (p,) in rows
         self.timings["power_cut_lost"] = lost
         assert not missing, f"{len(missing)} results on disk before the cut never arrived: {missing[:10]}"
         assert not holes, f"holes in boot {boot}'s sequence: {holes[:10]}"
+        # The new boot's stats count the gap: the last seq that survived, and a bound that covers every
+        # seq the cut really took (those the spool had, above the last that arrived).
+        prev = self.rec.wait("the new boot's stats telling how the old one ended", lambda m: m.topic == PREFIX + "stats"
+                             and (m.json().get("previous") or {}).get("boot") == boot, t_cut, 120).json()["previous"]
+        gap = range(prev["last_seq"] + 1, prev["last_seq"] + prev["lost_at_most"] + 1)
+        assert prev["end"] == "power_cut", f"previous run reported as {prev}"
+        assert prev["last_seq"] == got[-1], f"stats say seq {prev['last_seq']} survived, {got[-1]} arrived"
+        uncounted = [n for n in range(got[-1] + 1, last + 1) if n not in gap]
+        assert not uncounted, f"seqs lost outside the counted gap {prev}: {uncounted}"
+        self.timings["power_cut_counted"] = prev["lost_at_most"]
         return (f"boot {boot}: seq {got[0]}..{got[-1]} all arrived (on disk at the sync: ..{durable}); "
                 f"{lost} result(s) committed after the sync but lost to the cut (spool had ..{last}); "
-                f"then boot {new['boot']}")
+                f"then boot {new['boot']}, whose stats count the gap: up to {prev['lost_at_most']} lost "
+                f"after seq {prev['last_seq']}")
 
     def check_stop(self) -> str:
         t0 = time.monotonic()

@@ -50,11 +50,12 @@ def leaves_of(path: Path, ids: list[int]) -> dict[int, list[int]]:
     known = set(ids)
     db = sqlite3.connect(str(path))
     try:
-        (clock,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'clock'").fetchone()
+        # The other tables (clock, runs) are one page each, their root: none is the outbox's.
+        others = {n for (n,) in db.execute("SELECT rootpage FROM sqlite_master WHERE name != 'outbox'")}
     finally:
         db.close()
     return {n: rows for n, (kind, rows) in btree_pages(path).items()
-            if kind == 0x0D and n != clock and set(rows) <= known}
+            if kind == 0x0D and n not in others and set(rows) <= known}
 
 
 def damage(path: Path, pages: list[int], how: str = "zeroed") -> None:

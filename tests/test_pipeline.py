@@ -174,7 +174,7 @@ def test_a_result_counts_as_made_only_once_the_sink_has_it() -> None:
     cfg.mqtt.enabled = False
 
     class Refusing(StdoutSink):
-        def result(self, payload: bytes) -> None:
+        def result(self, payload: bytes, seq: int = 0) -> None:
             raise OSError("the spool's disk went away")
 
     d = Daemon(cfg, Classifier(DEFAULT_MODEL, LABELS), Capture(Counted(5)), Refusing(), "test")

@@ -1,7 +1,8 @@
 """`edgecam watch`: what a field engineer runs over SSH to see that a device works.
 
-Subscribes to results and status, prints one readable line per result and, with
---heatmap, the decoded map as a block of text shades.
+Subscribes to results, status and stats, prints one readable line per result and, with
+--heatmap, the decoded map as a block of text shades; and once per device and run, how its
+previous run ended when not by a stop (the counted gap its stats report).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from edgecam.contract import (
     ANY_DEVICE,
     DEVICE_ID_RULE,
     RESULT,
+    STATS,
     STATUS,
     PayloadError,
     check_device_id,
     check_prefix,
+    check_previous,
     check_result,
     decode_cam,
+    gap_text,
     is_device_id,
     parse_topic,
     topic,
@@ -66,8 +70,10 @@ def run_watch(args: argparse.Namespace) -> int:
     prefix = check_prefix(args.prefix, "--prefix")
     device = check_device_id(args.device, "--device") if args.device else ANY_DEVICE
     results, status = topic(prefix, device, RESULT), topic(prefix, device, STATUS)
+    stats = topic(prefix, device, STATS)
     done = threading.Event()
     seen = {"results": 0}
+    gaps_told: set[tuple[str, str]] = set()  # (device, previous boot): every stats message repeats it
     rc = {"code": 0}
 
     def refused(line: str) -> None:
@@ -89,6 +95,21 @@ def run_watch(args: argparse.Namespace) -> int:
             if not say(f"{dev} is {msg.payload[:20].decode('utf-8', 'replace')}"):
                 done.set()
             return
+        if name == STATS:
+            try:
+                if len(msg.payload) > MAX_PAYLOAD:
+                    raise PayloadError(f"{len(msg.payload)} bytes, over {MAX_PAYLOAD}")
+                obj = json.loads(msg.payload)
+                previous = check_previous(obj.get("previous") if isinstance(obj, dict) else None)
+            except (ValueError, PayloadError, RecursionError) as exc:
+                say(f"{msg.topic}: bad stats: {str(exc)[:200]}", stream=sys.stderr)
+                return
+            gap = gap_text(previous)
+            if gap and previous and (dev, previous["boot"]) not in gaps_told:
+                gaps_told.add((dev, previous["boot"]))
+                if not say(f"{dev}: {gap}"):
+                    done.set()
+            return
         try:
             if len(msg.payload) > MAX_PAYLOAD:
                 raise PayloadError(f"{len(msg.payload)} bytes, over {MAX_PAYLOAD}")
@@ -107,7 +128,7 @@ def run_watch(args: argparse.Namespace) -> int:
             done.set()
 
     broker = BrokerClient(opts, "watch", logger=log, on_refused=refused,
-                          on_up=lambda c: c.subscribe([(results, 1), (status, 1)]))
+                          on_up=lambda c: c.subscribe([(results, 1), (status, 1), (stats, 1)]))
     broker.client.on_subscribe = on_subscribe
     broker.client.on_message = on_message
     broker.start()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# EDGECAM_BOOT_ID_FILE is for tests only: a test cannot reboot the kernel, so it stands in a new
+# kernel boot (a power cut, for the spool's runs) with a file of its own holding another id.
+BOOT_ID = Path(os.environ.get("EDGECAM_BOOT_ID_FILE") or "/proc/sys/kernel/random/boot_id")
 STA_UNSYNC = 0x0040  # <linux/timex.h>
 
 

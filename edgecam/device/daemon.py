@@ -159,6 +159,8 @@ class Daemon:
         self.boot = secrets.token_hex(4)
         self.seq = 0
         self.processed = 0
+        # How the run before this one ended (the spool's runs), in every stats message; None: unknown.
+        self.previous: dict[str, Any] | None = None
         self.times = StageTimes()
         self.policy = PublishPolicy(cfg.loop.publish, cfg.loop.change_delta, cfg.loop.heartbeat)
         self.overlays = EveryN(cfg.loop.overlay_every)
@@ -433,7 +435,7 @@ class Daemon:
                 clock="unsynced" if clock_synced() is False else None,
             )
             t2 = time.perf_counter()
-            self.sink.result(payload)
+            self.sink.result(payload, seq)
             self.seq = seq
             t3 = time.perf_counter()
             t["encode"], t["publish"] = (t2 - t1) * 1e3, (t3 - t2) * 1e3
@@ -476,6 +478,7 @@ class Daemon:
             "runtime": self.runtime,
             "threads": self.clf.num_threads,
             "cpu_temp_c": cpu_temperature(),
+            **({"previous": self.previous} if self.previous is not None else {}),
         }
 
     def publish_stats(self) -> None:

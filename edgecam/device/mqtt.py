@@ -44,7 +44,7 @@ class Sink(Protocol):
     """Where results go: a broker, or stdout when MQTT is off."""
 
     def start(self) -> None: ...
-    def result(self, payload: bytes) -> None: ...
+    def result(self, payload: bytes, seq: int = 0) -> None: ...
     def overlay(self, jpeg: bytes) -> None: ...
     def stats(self, payload: bytes) -> None: ...
     def set_status(self, status: str) -> None: ...
@@ -287,9 +287,9 @@ class MqttSink:
         """stats.spool: what the spool counts, and the results sent but not yet acknowledged."""
         return {"inflight": len(self._inflight), **self.spool.counts()}
 
-    def result(self, payload: bytes) -> None:
+    def result(self, payload: bytes, seq: int = 0) -> None:
         self._last_result = payload
-        self.spool.append("result", self.topics[RESULT], payload, self.cfg.qos)
+        self.spool.append("result", self.topics[RESULT], payload, self.cfg.qos, seq)
         self._wake()
 
     def overlay(self, jpeg: bytes) -> None:
@@ -394,7 +394,7 @@ class StdoutSink:
     def spool_counts(self) -> dict[str, int]:
         return {}  # no spool: stdout takes every result at once
 
-    def result(self, payload: bytes) -> None:
+    def result(self, payload: bytes, seq: int = 0) -> None:
         sys.stdout.write(payload.decode("utf-8") + "\n")
         sys.stdout.flush()
         self._counts["published"] += 1

@@ -92,6 +92,7 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    from edgecam.contract import gap_text
     from edgecam.core.manifest import resolve
     from edgecam.core.model import Classifier
     from edgecam.device.commands import Inbox
@@ -136,6 +137,13 @@ def run_daemon(args: argparse.Namespace) -> int:
                     reply=sink.reply if isinstance(sink, MqttSink) else None,
                     reload_check=functools.partial(effective_config, args),
                     overlays_changed=overlays_changed)
+    if isinstance(sink, MqttSink):
+        previous = sink.spool.begin_run(daemon.boot)
+        if previous is not None:
+            daemon.previous = previous.to_json()
+            gap = gap_text(daemon.previous)
+            if gap:
+                log.warning("spool: %s", gap)
     if isinstance(sink, MqttSink) and commands_enabled(cfg):
         log.info("commands: on, %s", sink.topics["cmd"])
     daemon.install_signals()

@@ -14,6 +14,9 @@ memory instead, up to a count, and written to the file as soon as it works again
 the log says so once, then once a minute with a count, then once when it works again.
 A corrupt file found at start-up is moved aside, never deleted, and what SQLite can
 still read from it is put back into the new one, ahead of new messages.
+
+Each run of the daemon (the contract's `boot`) has a row in `runs`, so that the next run can tell
+consumers how the previous one ended and what it may have lost (see begin_run).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ WAL_PAGES_MIN, WAL_PAGES_MAX = 16, 128
 SHM_BYTES = 32 * 1024
 PAGE_SIZE = 4096  # SQLite's default, which the spool keeps
 CACHE_KIB = 256  # SQLite page cache, in KiB
+# A run reserves seqs this far ahead of the result it commits, in a commit made durable at once
+# (synchronous=FULL for that one commit: an fsync of the WAL, which makes every commit before it
+# durable too). One fsync per RESERVE_SEQS results, not per result: a power cut can lose at most
+# the results after the newest durable one up to the reservation, and the next run counts them.
+RESERVE_SEQS = 32
+KEEP_RUNS = 16  # rows of `runs` kept: the previous run is the one read
 FAR_ID = 1 << 40  # first id when a file that could not be read may hold any ids below
 REPORT_EVERY = 60.0  # seconds between "still failing" log lines
 
@@ -61,6 +70,14 @@ CREATE TABLE IF NOT EXISTS clock (
     offset REAL NOT NULL,
     last REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs (
+    n INTEGER PRIMARY KEY,
+    boot TEXT NOT NULL,              -- the contract's per-process id
+    kernel TEXT NOT NULL,            -- the kernel's boot id the run ran under
+    reserved INTEGER NOT NULL DEFAULT 0,  -- no result above this seq was made (durable)
+    last_seq INTEGER NOT NULL DEFAULT 0,  -- every result up to it is durable or was delivered
+    clean INTEGER NOT NULL DEFAULT 0      -- the run closed its spool
+);
 """
 COLUMNS = "id, kind, topic, payload, qos, created, stamp"
 
@@ -75,6 +92,25 @@ class Message:
     created: float  # wall-clock seconds, as the clock said then (informative: ages use `stamp`)
     # The spool's own time when stored (see Spool.now); what ages are measured on.
     stamp: float = field(default=0.0, compare=False, repr=False)
+    seq: int = field(default=0, compare=False, repr=False)  # a result's seq in its run; 0: none
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """How the run before this one ended, as the spool can tell.
+
+    end: "clean" (it closed its spool), "killed" (not closed, same kernel boot: the page cache
+    kept every commit, so nothing was lost) or "power_cut" (not closed, a new kernel boot: the
+    commits after the last durable one may be lost). Results up to `last_seq` were durable or
+    delivered; `lost_at_most` is an upper bound of those after it that may be lost."""
+
+    boot: str
+    end: str
+    last_seq: int
+    lost_at_most: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"boot": self.boot, "end": self.end, "last_seq": self.last_seq, "lost_at_most": self.lost_at_most}
 
 
 @dataclass
@@ -184,6 +220,9 @@ class Spool:
         self._offset = -self.clocks.uptime()
         self._expired_at: float | None = None  # spool time after() last expired every kind
         self._rewind = False  # the next after() reads from the oldest, whatever the sender's cursor
+        self._run: int | None = None  # this run's row in `runs` (begin_run)
+        self._reserved = 0  # seqs reserved durably for this run
+        self._seq = 0  # the highest seq appended in this run
         if path is not None:
             self._open(path)
 
@@ -361,10 +400,12 @@ class Spool:
         self._bound_memory()
 
     # -- the writer ---------------------------------------------------------------------
-    def append(self, kind: str, topic: str, payload: bytes, qos: int) -> int | None:
-        """Store one message; returns its id, or None when the quota's policy dropped it."""
+    def append(self, kind: str, topic: str, payload: bytes, qos: int, seq: int = 0) -> int | None:
+        """Store one message; returns its id, or None when the quota's policy dropped it. `seq`: a
+        result's seq in this run, which the run's reservation covers (see begin_run)."""
         with self._lock:
             created, now = self.clocks.wall(), self.now()
+            self._seq = max(self._seq, seq)
             quota = self.quotas[kind]
             if len(payload) > quota.max_bytes:
                 self.dropped[kind] += 1
@@ -375,7 +416,7 @@ class Spool:
                     self.dropped[kind] += 1
                     return None
                 self._drop_oldest(kind)
-            msg = Message(self._next_id, kind, topic, payload, qos, created, now)
+            msg = Message(self._next_id, kind, topic, payload, qos, created, now, seq)
             self._next_id += 1
             self._count[kind] += 1
             self._bytes[kind] += len(payload)
@@ -455,7 +496,12 @@ class Spool:
         if not self._room_for(sum(len(m.payload) for m in self._mem)):
             self._write_failed(f"disk nearly full, keeping {self.reserve // 1024} KiB free")
             return
+        top = max(m.seq for m in self._mem)
+        reserve = self._run is not None and top > self._reserved
         try:
+            if reserve:
+                # This one commit is fsynced (see RESERVE_SEQS); set outside the transaction.
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN")
             rows = [(m.id, m.kind, m.topic, m.payload, m.qos, m.created, m.stamp) for m in self._mem]
             if self._stamp == "stamp":
@@ -463,11 +509,20 @@ class Spool:
             else:  # an old file that could not take the column (read-only): this says why it fails
                 self._db.executemany(f"INSERT INTO outbox ({COLUMNS[:-7]}) VALUES (?, ?, ?, ?, ?, ?)",
                                      [r[:-1] for r in rows])
+            if reserve:
+                self._db.execute("UPDATE runs SET reserved = ?, last_seq = ? WHERE n = ?",
+                                 (top + RESERVE_SEQS, top, self._run))
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             self._write_failed(str(exc))
             return
+        finally:
+            if reserve:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+        if reserve:
+            self._reserved = top + RESERVE_SEQS
         saved = len(self._mem)
         self._mem.clear()
         self.state, self.reason = "file", ""
@@ -596,6 +651,27 @@ class Spool:
         self._count[kind] = max(0, self._count[kind] - 1)
         self._bytes[kind] = max(0, self._bytes[kind] - size)
 
+    # -- runs ---------------------------------------------------------------------------
+    def begin_run(self, boot: str) -> PreviousRun | None:
+        """Record this run (the contract's `boot`) and say how the one before it ended; None when the
+        file cannot tell (no file, a file from before runs were kept, a first start)."""
+        with self._lock:
+            if self._db is None:
+                return None
+            try:
+                previous = previous_run(self._db, self._boot)
+                self._db.execute("BEGIN")
+                n = self._db.execute("INSERT INTO runs (boot, kernel) VALUES (?, ?)", (boot, self._boot)).lastrowid
+                self._db.execute("DELETE FROM runs WHERE n <= ?", ((n or 0) - KEEP_RUNS,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                log.warning("spool: cannot record this run in %s (%s); a power cut during it goes uncounted",
+                            self.path, exc)
+                return None
+            self._run, self._reserved, self._seq = n, 0, 0
+            return previous
+
     # -- status -------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -610,6 +686,11 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._flush_memory()
+            if self._db is not None and self._run is not None and not self._mem:
+                with contextlib.suppress(sqlite3.Error):
+                    # Made durable by the checkpoint below; the next run reads a clean end.
+                    self._db.execute("UPDATE runs SET clean = 1, last_seq = MAX(last_seq, ?) WHERE n = ?",
+                                     (self._seq, self._run))
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     # Where this boot's time line got to: the next boot carries on from here.
@@ -643,6 +724,28 @@ def carried_offset(line: Line, boot: str, up: float) -> float:
     if row is not None and boot and row[0] == boot:
         return row[1]
     return max(row[2] if row else 0.0, newest or 0.0) - up
+
+
+def previous_run(db: sqlite3.Connection, kernel: str) -> PreviousRun | None:
+    """How the newest run in a file ended, for a run starting under the kernel boot id `kernel`."""
+    # Here, not at the top: the contract brings OpenCV, which `edgecam config` (it imports the spool) does without.
+    from edgecam.contract import result_identity
+
+    row = db.execute("SELECT boot, kernel, reserved, last_seq, clean FROM runs ORDER BY n DESC LIMIT 1").fetchone()
+    if row is None:
+        return None
+    boot, ran_under, reserved, last, clean = str(row[0]), str(row[1]), int(row[2]), int(row[3]), bool(row[4])
+    # Results after the last reservation are durable only as rows of the outbox (those delivered are
+    # gone: the bound then counts them too, and a consumer that has them knows).
+    newest = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id DESC LIMIT 1").fetchone()
+    made = result_identity(bytes(newest[0])) if newest else None
+    if made is not None and made[0] == boot:
+        last = max(last, made[1])
+    if clean:
+        return PreviousRun(boot, "clean", last, 0)
+    if kernel and ran_under == kernel:
+        return PreviousRun(boot, "killed", last, 0)
+    return PreviousRun(boot, "power_cut", last, max(0, reserved - last))
 
 
 def _read_only(path: Path) -> sqlite3.Connection:

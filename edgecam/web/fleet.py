@@ -19,8 +19,10 @@ from edgecam.contract import (
     STATS,
     STATUS,
     PayloadError,
+    check_previous,
     check_result,
     decode_cam,
+    gap_text,
     is_device_id,
     parse_topic,
 )
@@ -67,6 +69,7 @@ class Device:
             "reason": stats.get("reason"),
             "timing_ms": stats.get("timing_ms"),
             "stats_at": stats.get("_at"),
+            "gap": stats.get("gap"),
             "model": (self.result or {}).get("model") or stats.get("model"),
             "history": list(self.runs),
             "overlay": self.overlay_seq or None,
@@ -116,8 +119,10 @@ class Fleet:
                 stats = self._json(payload)
                 if stats.get("v") != CONTRACT_VERSION or stats.get("device") != dev:
                     raise PayloadError("not a v1 stats message of this device")
+                gap = gap_text(check_previous(stats.get("previous")))
                 device = self._device(dev, now)
                 device.stats = {k: stats.get(k) for k in ("fps", "state", "reason", "timing_ms", "model")}
+                device.stats["gap"] = gap
                 device.stats["_at"] = now
             else:  # OVERLAY
                 if not payload.startswith(b"\xff\xd8") or len(payload) > MAX_OVERLAY:
