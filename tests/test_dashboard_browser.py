@@ -313,3 +313,25 @@ def test_markup_from_the_broker_shows_as_text_and_runs_nothing(broker: Broker, t
             "d.innerHTML = '<img src=x onerror=\"window.canary = true\">';")
         wait(lambda: browser.execute_script("return window.canary === true;"), 10, "the canary's handler")
         assert browser.execute_script("return window.xssRan || null;") is None
+
+
+def test_a_counted_gap_shows_on_the_tile_as_text(broker: Broker, tmp_path: Path, browser: Any) -> None:
+    """The stats' "previous": a run that ended by a power cut is said on the device's tile, in the contract's
+    words (gap_text); a later run whose previous one stopped cleanly clears it."""
+    dev = "cam-gap"
+    boot = '<b onmouseover="window.xssRan=[1]">'  # a boot id is any short string: text, never markup
+    stats = {"v": 1, "device": dev, "boot": "cd34", "state": "ok", "fps": 1.0,
+             "previous": {"boot": boot, "end": "power_cut", "last_seq": 22, "lost_at_most": 3}}
+    gap = f"previous run {boot} ended by a power cut: up to 3 results lost after seq 22"
+    shown = f"return document.querySelector('.tile[data-device=\"{dev}\"] .gap')?.textContent;"
+    with served(broker, tmp_path) as url:
+        browser.get(url)
+        wait(lambda: browser.execute_script("return document.getElementById('conn').textContent === 'live';"), 30,
+             "the live stream")
+        publish(broker.port, f"edgecam/{dev}/status", b"online", retain=True)
+        publish(broker.port, f"edgecam/{dev}/stats", json.dumps(stats))
+        wait(lambda: browser.execute_script(shown) == gap, 30, "the gap on the tile")
+        assert browser.execute_script("return window.xssRan;") is None
+        publish(broker.port, f"edgecam/{dev}/stats", json.dumps(
+            {**stats, "boot": "ef56", "previous": {"boot": "cd34", "end": "clean", "last_seq": 9, "lost_at_most": 0}}))
+        wait(lambda: browser.execute_script(shown) == "", 30, "the gap cleared")
