@@ -8,6 +8,7 @@ certificates), reconnect backoff, and the same one-line reasons when a broker re
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import ssl
@@ -38,30 +39,60 @@ class TlsFiles(Protocol):
     key_file: str
 
 
-def split_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
-    """HOST[:PORT] (and [v6]:PORT) to a host and a port, or EdgecamError."""
-    host, port = text, default_port
+def host_port(text: str, flag: str, default_port: int | None = None) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT to a host and a port: the one rule for every address a flag takes
+    (--broker, --listen). With a default port, the port may be left out: HOST, [IPv6], or a bare
+    IPv6 address (whose colons cannot be told from a port's). EdgecamError, one line naming the
+    flag, for anything else."""
+
+    def bad(why: str) -> EdgecamError:
+        return EdgecamError(f"{flag} {text!r}: {why}")
+
+    port_text: str | None
     if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise EdgecamError(f"--broker {text!r}: unclosed [")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise EdgecamError(f"--broker {text!r}: expected [HOST]:PORT")
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, p = text.split(":")
-        port = _port(p, text)
+        host, closed, rest = text[1:].partition("]")
+        if not closed:
+            raise bad("unclosed [")
+        if rest and not rest.startswith(":"):
+            raise bad("expected [HOST]:PORT")
+        if host and ip_version(host) != 6:
+            raise bad(f"{host!r} in brackets is not an IPv6 address")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        if ip_version(text) != 6:
+            raise bad("more than one ':'; an IPv6 address goes in brackets: [::1]:PORT")
+        if default_port is None:
+            raise bad("no port; an IPv6 address goes in brackets, then its port: [::1]:PORT")
+        host, port_text = text, None
+    else:
+        host, sep, port_text = text.partition(":")
+        port_text = port_text if sep else None
     if not host:
-        raise EdgecamError(f"--broker {text!r}: no host")
-    return host, port
+        raise bad("no host")
+    if not host.isprintable() or " " in host:
+        raise bad("the host has a space or a control character")
+    if port_text is None:
+        if default_port is None:
+            raise bad("no port; expected HOST:PORT ([IPv6]:PORT for an IPv6 address)")
+        return host, default_port
+    # isascii: '³'.isdigit() holds but int() refuses it; five digits at most: int() of thousands of
+    # digits raises rather than compare.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536):
+        raise bad(f"port {port_text!r} is not 1..65535")
+    return host, int(port_text)
 
 
-def _port(p: str, text: str) -> int:
-    if not p.isdigit() or not 0 < int(p) < 65536:
-        raise EdgecamError(f"--broker {text!r}: port {p!r} is not 1..65535")
-    return int(p)
+def join_host_port(host: str, port: int) -> str:
+    """host_port's inverse: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ip_version(host: str) -> int | None:
+    """4 or 6 for an IP address (an IPv6 one with its %zone too), None for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def tls_context(cfg: TlsFiles, names: tuple[str, str] = ("mqtt.ca_file", "mqtt.cert_file/key_file")) -> ssl.SSLContext:
@@ -119,7 +150,7 @@ class BrokerOptions:
 
     @property
     def where(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 def add_broker_flags(p: argparse.ArgumentParser, username_help: str = "broker user name") -> None:
@@ -138,7 +169,7 @@ def options_from_flags(
 ) -> BrokerOptions:
     """BrokerOptions from the flags add_broker_flags declared, checked, with one line for what is wrong."""
     environ = os.environ if environ is None else environ
-    host, port = split_broker(args.broker)
+    host, port = host_port(args.broker, "--broker", 1883)
     if bool(args.cert_file) != bool(args.key_file):
         raise EdgecamError("--cert-file and --key-file go together")
     if (args.ca_file or args.cert_file) and not args.tls:

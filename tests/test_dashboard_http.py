@@ -26,6 +26,7 @@ import pytest
 from broker import Broker, free_port, paho_client, publish
 from conftest import IMAGES, ROOT, one_error_line, run_cli
 
+from edgecam.broker import join_host_port
 from edgecam.contract import result_payload
 
 MODEL = "tf2_mobilenet_v2_1.0_224_ptq"
@@ -64,13 +65,13 @@ def wait_until(check: Callable[[], Any], timeout: float = WAIT, what: str = "") 
 class Dashboard:
     """`edgecam dashboard` as a subprocess, its log in a file."""
 
-    def __init__(self, broker: Broker, log: Path, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, broker: Broker, log: Path, *args: str, host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, free_port(host)
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgecam", "dashboard", "--broker", broker.address,
-                 "--listen", f"127.0.0.1:{self.port}", *args],
+                 "--listen", join_host_port(host, self.port), *args],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ},
             )
 
@@ -79,7 +80,7 @@ class Dashboard:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = WAIT) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -136,8 +137,8 @@ def dashboard(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Dashboar
     """Start dashboards with `dashboard(*args)`; each is stopped with SIGTERM after the test."""
     started: list[Dashboard] = []
 
-    def start(*args: str, token: str = "") -> Dashboard:
-        d = Dashboard(broker, tmp_path / f"dashboard{len(started)}.log", *args)
+    def start(*args: str, token: str = "", host: str = "127.0.0.1") -> Dashboard:
+        d = Dashboard(broker, tmp_path / f"dashboard{len(started)}.log", *args, host=host)
         started.append(d)
         d.wait_ready(token)
         return d
@@ -580,6 +581,11 @@ def test_a_browser_that_falls_behind_is_cut_off_and_can_reconnect(broker: Broker
         (["--listen", "nowhere"], ["--listen", "nowhere", "HOST:PORT"]),
         (["--listen", "127.0.0.1:99999"], ["--listen", "99999"]),
         (["--listen", "127.0.0.1:"], ["--listen"]),
+        (["--listen", "a:b:c"], ["--listen", "'a:b:c'", "more than one ':'", "[::1]:PORT"]),
+        (["--listen", ":8080"], ["--listen", "no host"]),
+        (["--listen", "[::1]"], ["--listen", "no port"]),
+        (["--listen", "127.0.0.1:\u00b3"], ["--listen", "port"]),
+        (["--broker", "a:b:c"], ["--broker", "more than one ':'"]),
         (["--stale-after", "0"], ["--stale-after"]),
         (["--stale-after", "nan"], ["--stale-after"]),
         (["--prefix", "a/b"], ["--prefix"]),
@@ -590,6 +596,13 @@ def test_set_up_errors_are_one_line(args: list[str], needles: list[str]) -> None
     proc = run_cli("dashboard", "--broker", "127.0.0.1:1", *args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     one_error_line(proc, *needles)
+
+
+def test_it_listens_on_an_ipv6_address(dashboard: Callable[..., Dashboard]) -> None:
+    # [::1]:PORT: before, the IPv4-only server could not bind it ("cannot listen").
+    dash = dashboard(host="::1")
+    assert dash.get("/healthz")[0] == 200
+    assert f"http://[::1]:{dash.port}/" in dash.log()
 
 
 def test_a_port_in_use_is_one_line() -> None:

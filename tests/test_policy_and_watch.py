@@ -4,13 +4,14 @@ the text heatmap, result checking and formatting, and broker addresses."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import one_error_line, run_cli
 
-from edgecam.broker import split_broker
+from edgecam.broker import host_port
 from edgecam.cli.watch import SHADES, check_result, result_line, text_heatmap
 from edgecam.contract import PayloadError, decode_cam, result_payload
 from edgecam.core.errors import EdgecamError
@@ -200,7 +201,7 @@ def test_check_result_rejects(obj: Any, needle: str) -> None:
     assert needle in str(info.value)
 
 
-# --- watch.split_broker -----------------------------------------------------------------------------
+# --- broker.host_port: the one HOST:PORT rule of --broker and --listen ---------------------------
 
 
 @pytest.mark.parametrize(
@@ -214,15 +215,19 @@ def test_check_result_rejects(obj: Any, needle: str) -> None:
         ("[::1]", ("::1", 1883)),
         ("::1", ("::1", 1883)),
         ("fe80::2", ("fe80::2", 1883)),
+        ("[fe80::2%eth0]:1884", ("fe80::2%eth0", 1884)),
+        ("h:080", ("h", 80)),
     ],
 )
-def test_split_broker(text: str, expected: tuple[str, int]) -> None:
-    assert split_broker(text) == expected
+def test_host_port_with_a_default_port(text: str, expected: tuple[str, int]) -> None:
+    assert host_port(text, "--broker", 1883) == expected
 
 
-def test_split_broker_default_port() -> None:
-    assert split_broker("h", 8883) == ("h", 8883)
-    assert split_broker("h:1999", 8883) == ("h", 1999)
+def test_host_port_default_port() -> None:
+    assert host_port("h", "--broker", 8883) == ("h", 8883)
+    assert host_port("h:1999", "--broker", 8883) == ("h", 1999)
+    assert host_port("[::1]:8080", "--listen") == ("::1", 8080)
+    assert host_port("0.0.0.0:8080", "--listen") == ("0.0.0.0", 8080)
 
 
 @pytest.mark.parametrize(
@@ -230,22 +235,42 @@ def test_split_broker_default_port() -> None:
     [
         ("h:0", "port '0'"),
         ("h:65536", "port '65536'"),
+        ("host:99999", "port '99999' is not 1..65535"),
         ("h:x", "port 'x'"),
         ("h:", "port ''"),
+        ("host:", "port ''"),
         ("h:-1", "port '-1'"),
+        ("h:+80", "port '+80'"),
+        ("h:\u00b3", "port '\u00b3'"),  # a digit to str.isdigit, not to int()
+        ("h:" + "9" * 5000, "is not 1..65535"),  # int() of so many digits raises
         (":1883", "no host"),
+        (":80", "no host"),
         ("", "no host"),
         ("[::1", "unclosed"),
         ("[::1]1883", "[HOST]:PORT"),
         ("[]:1883", "no host"),
         ("[::1]:x", "port 'x'"),
+        ("[host]:80", "'host' in brackets is not an IPv6 address"),
+        ("a:b:c", "more than one ':'; an IPv6 address goes in brackets"),
+        ("a b:80", "space"),
     ],
 )
-def test_split_broker_errors(text: str, needle: str) -> None:
+@pytest.mark.parametrize("flag", ["--broker", "--listen"])
+def test_host_port_errors(text: str, needle: str, flag: str) -> None:
     with pytest.raises(EdgecamError) as info:
-        split_broker(text)
+        host_port(text, flag, 1883 if flag == "--broker" else None)
     msg = str(info.value)
-    assert msg.startswith("--broker ") and needle in msg, msg
+    assert msg.startswith(f"{flag} ") and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("host", "no port; expected HOST:PORT"),
+    ("[::1]", "no port"),
+    ("::1", "an IPv6 address goes in brackets, then its port"),
+])
+def test_a_listen_address_needs_its_port(text: str, needle: str) -> None:
+    with pytest.raises(EdgecamError, match=re.escape(needle)):
+        host_port(text, "--listen")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "inf"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecam.broker import BrokerOptions, read_password, split_broker
+from edgecam.broker import BrokerOptions, host_port, read_password
 from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
 from edgecam.core.preprocess import Normalization, normalization
@@ -74,7 +74,7 @@ def source_from_spec(cfg: Config, spec: str) -> None:
 
 def broker_from_spec(cfg: Config, spec: str) -> None:
     """--broker HOST[:PORT]: the port only when given."""
-    cfg.mqtt.host, cfg.mqtt.port = split_broker(spec, cfg.mqtt.port)
+    cfg.mqtt.host, cfg.mqtt.port = host_port(spec, "--broker", cfg.mqtt.port)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
 
-from edgecam.broker import BrokerClient, options_from_flags, read_password
+from edgecam.broker import BrokerClient, host_port, ip_version, join_host_port, options_from_flags, read_password
 from edgecam.contract import (
     ANY_DEVICE,
     CMD,
@@ -446,13 +446,6 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, reply)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise EdgecamError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class Server(ThreadingHTTPServer):
     """One thread per connection, as many as MAX_CONNECTIONS; beyond that a connection is
     answered 503 at once and closed, without a thread."""
@@ -462,6 +455,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[Handler]) -> None:
         self.connections = Cap("connections", MAX_CONNECTIONS)
+        if ip_version(address[0]) == 6:
+            self.address_family = socket.AF_INET6  # the class's AF_INET cannot bind [::1]
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -526,7 +521,7 @@ def is_loopback(host: str) -> bool:
 
 def run_dashboard(args: argparse.Namespace) -> int:
     opts = options_from_flags(args, client_id=f"edgecam-dashboard-{secrets.token_hex(3)}")
-    listen_host, listen_port = parse_listen(args.listen)
+    listen_host, listen_port = host_port(args.listen, "--listen")
     if not args.stale_after > 0:  # NaN too: no device would ever show stale
         raise EdgecamError(f"--stale-after {args.stale_after}: must be more than 0 seconds")
     check_prefix(args.prefix, "--prefix")
@@ -559,7 +554,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
     broker.start()
     note = " (open it with ?token=...)" if token else ""
-    print(f"edgecam dashboard on http://{listen_host}:{listen_port}/{note} (broker {broker.where})",
+    print(f"edgecam dashboard on http://{join_host_port(listen_host, listen_port)}/{note} (broker {broker.where})",
           file=sys.stderr, flush=True)
     try:
         httpd.serve_forever(poll_interval=0.5)
