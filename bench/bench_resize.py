@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgecam.core.model import Classifier  # noqa: E402
-from edgecam.core.preprocess import InputSpec, normalization, resize_path, to_input  # noqa: E402
+from edgecam.core.normalization import normalization  # noqa: E402
+from edgecam.core.preprocess import InputSpec, resize_path, to_input  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 M, MORE = SHARED / "models", SHARED / "models" / "more"

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import cv2
 import numpy as np
 
 from edgecam.core.errors import EdgecamError, shown
@@ -127,6 +126,8 @@ def encode_cam(cam: np.ndarray) -> dict[str, Any]:
         if span <= 0
         else np.rint((cam.astype(np.float64) - lo) * (255.0 / span)).astype(np.uint8)
     )
+    import cv2  # here: the contract's names and checks serve `edgecam config`, which runs without OpenCV
+
     ok, png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise ValueError("PNG encoding failed")
@@ -151,6 +152,8 @@ def decode_cam(obj: dict[str, Any]) -> np.ndarray:
             raise PayloadError(f"cam: {name} must be a whole number from 1 to {MAX_SIDE}, got {shown(v)}")
     if not (abs(lo) <= FLOAT32_MAX and abs(hi) <= FLOAT32_MAX):
         raise PayloadError(f"cam: min and max must be finite 32-bit floats, got {shown(lo)} and {shown(hi)}")
+    import cv2  # here, as in encode_cam
+
     try:
         # A PNG header can claim any size; OpenCV refuses the absurd ones with an exception.
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None

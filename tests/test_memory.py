@@ -54,9 +54,18 @@ def imported(tmp_path: Path, *args: str,
     return set(out.read_text().split()), proc
 
 
-@pytest.mark.parametrize("args", [["--version"], ["watch", "--help"], ["dashboard", "--help"]])
+@pytest.mark.parametrize("args", [
+    ["--version"], ["watch", "--help"], ["dashboard", "--help"],
+    # The configuration is read and checked before OpenCV or the runtime is installed (they were
+    # imported through the contract's PNG and preprocessing's normalisation).
+    ["config", "reference"], ["config", "default"],
+    ["config", "check", "--source", str(IMAGES), "--broker", "[::1]:1884", "--max-fps", "3", "--device-id", "d1"],
+])
 def test_a_command_that_needs_no_opencv_does_not_load_it(args: list[str], tmp_path: Path) -> None:
-    names, proc = imported(tmp_path, *args)
+    # A config file stating what needed OpenCV to check: the input normalisation, the prefix.
+    config = tmp_path / "edgecam.toml"
+    config.write_text('[model]\ninput_mean = "127.5"\ninput_std = "127.5"\n[mqtt]\nprefix = "site"\n')
+    names, proc = imported(tmp_path, *args, env={"EDGECAM_CONFIG": str(config)})
     assert proc.returncode == 0, proc.stderr[-500:]
     assert "cv2" not in names and not OFFLINE & names
     if args != ["--version"]:  # which prints the runtime it loads

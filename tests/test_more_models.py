@@ -15,7 +15,8 @@ import pytest
 from conftest import IMAGES, LABELS, MODELS, one_error_line, run_cli
 
 from edgecam.core.model import Classifier
-from edgecam.core.preprocess import normalization, to_input
+from edgecam.core.normalization import normalization
+from edgecam.core.preprocess import to_input
 from edgecam.core.runtime import get_runtime
 
 pytestmark = pytest.mark.model

@@ -397,9 +397,7 @@ def _config(args: argparse.Namespace) -> int:
     from edgecam.device import config
 
     if args.config_command == "check":
-        from edgecam.device.run import effective_config
-
-        cfg, origin = effective_config(args)
+        cfg, origin = config.effective_config(args)
         print(f"# edgecam {__version__}: configuration from {origin}, environment and flags; valid")
         print(config.to_toml(cfg), end="")
         return 0

@@ -9,7 +9,7 @@ import sys
 from edgecam.core.errors import EdgecamError
 from edgecam.core.manifest import resolve
 from edgecam.core.model import Classifier, HeadNames
-from edgecam.core.preprocess import normalization
+from edgecam.core.normalization import normalization
 
 
 def check_seed(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from edgecam.core.errors import EdgecamError
-from edgecam.core.preprocess import Normalization, normalization
+from edgecam.core.normalization import Normalization, normalization
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 _PACKAGED_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.toml"

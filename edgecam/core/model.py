@@ -18,7 +18,8 @@ from edgecam.core.errors import EdgecamError
 from edgecam.core.head import Head, HeadNotFound, find_head, head_from_names
 from edgecam.core.labels import fit_labels, read_labels
 from edgecam.core.metadata import ModelMetadata, read_metadata
-from edgecam.core.preprocess import DEFAULT_NORMALIZATION, InputSpec, Normalization
+from edgecam.core.normalization import DEFAULT_NORMALIZATION, Normalization
+from edgecam.core.preprocess import InputSpec
 from edgecam.core.runtime import Runtime, get_runtime, make_interpreter
 from edgecam.core.tflite_graph import (
     Graph,

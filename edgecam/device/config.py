@@ -24,7 +24,7 @@ from typing import Any
 from edgecam.broker import BrokerOptions, host_port, read_password
 from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
-from edgecam.core.preprocess import Normalization, normalization
+from edgecam.core.normalization import Normalization, normalization
 
 DEFAULT_PATH = Path("/etc/edgecam/edgecam.toml")
 ENV_PREFIX = "EDGECAM_"
@@ -471,6 +471,15 @@ def validate(cfg: Config) -> None:
         raise EdgecamError("source.uri: the folder source needs a directory")
     if cfg.source.kind == "opencv" and not cfg.source.uri:
         raise EdgecamError("source.uri: the opencv source needs a device, URL or file")
+
+
+def effective_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """What `run` would run with, and where its file came from: the file, the environment, the flags, checked.
+    Here, not beside the daemon's wiring (device/run.py): `config check` imports neither OpenCV nor the runtime."""
+    cfg, origin = load(args.config)
+    apply_flags(cfg, args)
+    validate(cfg)
+    return cfg, origin
 
 
 def password(cfg: MqttConfig) -> str | None:

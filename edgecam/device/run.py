@@ -22,13 +22,6 @@ from edgecam.device.spool import Quota, Spool
 
 log = logging.getLogger(__name__)
 
-def effective_config(args: argparse.Namespace) -> tuple[Config, str]:
-    cfg, origin = config.load(args.config)
-    config.apply_flags(cfg, args)
-    config.validate(cfg)
-    return cfg, origin
-
-
 def setup_logging(verbose: bool) -> None:
     # journald stamps each line itself; a terminal gets the time.
     fmt = "%(asctime)s %(levelname)s %(message)s" if sys.stderr.isatty() else "%(levelname)s %(message)s"
@@ -101,7 +94,7 @@ def run_daemon(args: argparse.Namespace) -> int:
 
     if args.max_frames < 0:
         raise EdgecamError(f"--max-frames {args.max_frames}: must be 0 (no limit) or more")
-    cfg, origin = effective_config(args)
+    cfg, origin = config.effective_config(args)
     setup_logging(args.verbose)
     local = resolve(cfg.model.name or None, cfg.model.labels or None)
     stated = config.stated_normalization(cfg.model) or local.normalization
@@ -135,7 +128,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     log.info("config: %s", origin)
     daemon = Daemon(cfg, clf, capture, sink, str(clf.runtime), inbox=inbox,
                     reply=sink.reply if isinstance(sink, MqttSink) else None,
-                    reload_check=functools.partial(effective_config, args),
+                    reload_check=functools.partial(config.effective_config, args),
                     overlays_changed=overlays_changed)
     if isinstance(sink, MqttSink):
         previous = sink.spool.begin_run(daemon.boot)
