@@ -260,30 +260,51 @@ def result_identity(payload: bytes) -> tuple[str, int] | None:
 RUN_ENDS = ("clean", "killed", "power_cut")
 
 
-def check_previous(obj: Any) -> dict[str, Any] | None:
+MAX_EARLIER = 16  # runs a "previous" may carry in "earlier" (the spool keeps no more)
+
+
+def check_previous(obj: Any, where: str = "previous") -> dict[str, Any] | None:
     """The "previous" of a stats message: None when absent, else the checked object or PayloadError."""
     if obj is None:
         return None
     if not isinstance(obj, dict):
-        raise PayloadError("'previous' is not an object")
+        raise PayloadError(f"'{where}' is not an object")
     if not isinstance(obj.get("boot"), str) or len(obj["boot"]) > 64:
-        raise PayloadError("'previous.boot' is not a boot id")
+        raise PayloadError(f"'{where}.boot' is not a boot id")
     if obj.get("end") not in RUN_ENDS:
-        raise PayloadError(f"'previous.end' {shown(obj.get('end'))} is not one of {', '.join(RUN_ENDS)}")
+        raise PayloadError(f"'{where}.end' {shown(obj.get('end'))} is not one of {', '.join(RUN_ENDS)}")
     for key in ("last_seq", "lost_at_most"):
         v = obj.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise PayloadError(f"'previous.{key}' {shown(v)} is not a whole number, 0 or more")
+            raise PayloadError(f"'{where}.{key}' {shown(v)} is not a whole number, 0 or more")
+    earlier = obj.get("earlier", [])
+    if where == "previous":
+        if not isinstance(earlier, list) or len(earlier) > MAX_EARLIER:
+            raise PayloadError(f"'previous.earlier' is not a list of at most {MAX_EARLIER} runs")
+        for e in earlier:
+            check_previous(e, "previous.earlier[]")
+    elif "earlier" in obj:
+        raise PayloadError(f"'{where}' nests 'earlier'")
     return obj
 
 
+def _run_end(run: dict[str, Any]) -> str | None:
+    after = f"seq {run['last_seq']}" if run["last_seq"] else "its start"
+    if run["end"] == "killed":
+        return f"run {run['boot']} ended without a stop after {after}; nothing lost"
+    if run["end"] == "power_cut":
+        n = run["lost_at_most"]
+        lost = f"up to {n} result{'s' if n != 1 else ''} lost after {after}" if n else "nothing lost"
+        return f"run {run['boot']} ended by a power cut: {lost}"
+    return None
+
+
 def gap_text(previous: dict[str, Any] | None) -> str | None:
-    """One line for a consumer about a previous run that did not stop cleanly; None when it did (or unknown)."""
-    if previous is None or previous["end"] == "clean":
+    """One line for a consumer about runs that did not stop cleanly (the previous one, and earlier ones whose
+    report had not reached the broker); None when there are none (or it is unknown)."""
+    if previous is None:
         return None
-    after = f"seq {previous['last_seq']}" if previous["last_seq"] else "its start"
-    if previous["end"] == "killed":
-        return f"previous run {previous['boot']} ended without a stop after {after}; nothing lost"
-    n = previous["lost_at_most"]
-    lost = f"up to {n} result{'s' if n != 1 else ''} lost after {after}" if n else "nothing lost"
-    return f"previous run {previous['boot']} ended by a power cut: {lost}"
+    first = _run_end(previous)
+    parts = [f"previous {first}"] if first else []
+    parts += [f"Earlier, {text} (not told before)" for e in previous.get("earlier", []) if (text := _run_end(e))]
+    return ". ".join(parts) or None

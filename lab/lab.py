@@ -248,9 +248,10 @@ print(json.dumps([[json.loads(p)["boot"], json.loads(p)["seq"]] for (p,) in rows
         self.broker.stop()
         wait_until("5 results of this boot in the spool",
                    lambda: sum(b == boot for b, _ in self.spooled()) >= 5, 240, 2)
-        # What `sync` has put on the disk is what a power cut cannot take.
-        self.sh("sync")
+        # What `sync` has put on the disk is what a power cut cannot take: the results spooled before it
+        # began (read first: those made while it ran, or after, may not be on the disk).
         durable = max(n for b, n in self.spooled() if b == boot)
+        self.sh("sync")
         last = wait_until("3 more results after the sync",
                           lambda: (m := max(n for b, n in self.spooled() if b == boot)) >= durable + 3 and m, 120, 1)
         t_cut = time.monotonic()

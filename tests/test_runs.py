@@ -175,6 +175,35 @@ def test_a_spool_from_before_runs_were_kept_opens_and_loses_nothing(tmp_path: Pa
     assert spool(path, "k1").begin_run("bbbb") == PreviousRun("aaaa", "clean", 1, 0)
 
 
+def test_an_end_never_told_is_carried_to_the_next_run_that_can(tmp_path: Path) -> None:
+    """The broker away through a power cut and a crash after it: the run that reported the cut never got a
+    stats message acknowledged, so the run after it tells both; once told, no run repeats it."""
+    path = tmp_path / "spool.db"
+    a = spool(path, "k1")
+    a.begin_run("aaaa")
+    for seq in range(1, 4):
+        a.append("result", "t", result("aaaa", seq), 1, seq)
+    cut = PreviousRun("aaaa", "power_cut", 3, RESERVE_SEQS - 2)  # reserved at seq 1: 1 + 32
+    b = spool(path, "k2")
+    assert b.begin_run("bbbb") == cut
+    b.append("result", "t", result("bbbb", 1), 1, 1)  # then killed, its stats never acknowledged
+    c = spool(path, "k2")
+    prev = c.begin_run("cccc")
+    assert prev == PreviousRun("bbbb", "killed", 1, 0, (cut,))
+    assert gap_text(prev.to_json()) == (
+        "previous run bbbb ended without a stop after seq 1; nothing lost. Earlier, run aaaa ended by a power "
+        f"cut: up to {RESERVE_SEQS - 2} results lost after seq 3 (not told before)")
+    c.told()  # the broker acknowledged c's stats: both ends have reached consumers
+    d = spool(path, "k2")
+    assert d.begin_run("dddd") == PreviousRun("cccc", "killed", 0, 0)
+    # A clean run that never told (d: no stats acknowledged) does not hide the untold end before it.
+    d.close()
+    prev = spool(path, "k3").begin_run("eeee")
+    assert prev == PreviousRun("dddd", "clean", 0, 0, (PreviousRun("cccc", "killed", 0, 0),))
+    assert gap_text(prev.to_json()) == "Earlier, run cccc ended without a stop after its start; nothing lost " \
+        "(not told before)"
+
+
 def test_runs_kept_are_bounded(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     for i in range(40):
@@ -195,7 +224,14 @@ def test_previous_checked_and_told() -> None:
                                                   "previous.end"),
                      ({"boot": "a", "end": "clean", "last_seq": -1, "lost_at_most": 0}, "previous.last_seq"),
                      ({"boot": "a", "end": "clean", "last_seq": 1, "lost_at_most": True}, "previous.lost_at_most"),
-                     ({"end": "clean", "last_seq": 1, "lost_at_most": 0}, "previous.boot")):
+                     ({"end": "clean", "last_seq": 1, "lost_at_most": 0}, "previous.boot"),
+                     ({"boot": "a", "end": "clean", "last_seq": 1, "lost_at_most": 0, "earlier": {}},
+                      "previous.earlier"),
+                     ({"boot": "a", "end": "clean", "last_seq": 1, "lost_at_most": 0, "earlier": [{"boot": "b"}]},
+                      r"previous.earlier\[\].end"),
+                     ({"boot": "a", "end": "clean", "last_seq": 1, "lost_at_most": 0, "earlier": [
+                         {"boot": "b", "end": "clean", "last_seq": 1, "lost_at_most": 0, "earlier": []}]},
+                      "nests")):
         with pytest.raises(PayloadError, match=why):
             check_previous(bad)
     assert gap_text(PreviousRun("ab12", "clean", 9, 0).to_json()) is None

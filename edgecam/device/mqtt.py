@@ -106,6 +106,8 @@ class MqttSink:
         self._status = "online"
         self._gate_status = self._status  # the status the last connect published
         self._last_stats: bytes | None = None
+        self._stats_told = False  # the broker acknowledged a stats message of this run
+        self._stats_mids: set[int] = set()  # QoS 1 stats not yet acknowledged
         self._last_result: bytes | None = None  # given again to Home Assistant when it restarts
         self._state_owed = False  # Home Assistant asked while results were waiting in the spool
         self._last_overlay: bytes | None = None
@@ -122,7 +124,7 @@ class MqttSink:
             self._gate_status = self._status
             self._gate = client.publish(self.topics[STATUS], self._gate_status, qos=1, retain=True).mid
         if self._last_stats is not None:
-            client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True)
+            self._stats_sent(client.publish(self.topics[STATS], self._last_stats, qos=1, retain=True).mid)
         if self.on_command is not None:
             client.subscribe(self.topics[CMD], qos=1)
         if self.discovery:
@@ -142,6 +144,9 @@ class MqttSink:
             if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
                 log.error("mqtt: %s refused a message: %s (%d so far; check the broker's ACL for %s/%s/#)",
                           self.where, reason, self._refused, self.cfg.prefix, self.device)
+        if mid in self._stats_mids and not self._stats_told:
+            self._stats_told = True
+            self.spool.told()
         with self._cond:
             opened = mid == self._gate
             if opened:
@@ -307,7 +312,15 @@ class MqttSink:
     def stats(self, payload: bytes) -> None:
         self._last_stats = payload
         if self.connected:
-            self.client.publish(self.topics[STATS], payload, qos=0, retain=True)
+            # QoS 1 until the broker has acknowledged one: what the stats report about the runs before
+            # this one (the spool's `told`) has then reached it.
+            told = self._stats_told
+            self._stats_sent(self.client.publish(self.topics[STATS], payload, qos=0 if told else 1, retain=True).mid)
+
+    def _stats_sent(self, mid: int) -> None:
+        # An ack that comes before its mid is added here is missed: the next stats go at QoS 1 again.
+        if not self._stats_told:
+            self._stats_mids.add(mid)
 
     def set_status(self, status: str) -> None:
         """online or degraded (the source is failing); retained, and sent again on every reconnect."""

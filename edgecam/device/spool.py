@@ -22,6 +22,7 @@ consumers how the previous one ended and what it may have lost (see begin_run).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -76,7 +77,9 @@ CREATE TABLE IF NOT EXISTS runs (
     kernel TEXT NOT NULL,            -- the kernel's boot id the run ran under
     reserved INTEGER NOT NULL DEFAULT 0,  -- no result above this seq was made (durable)
     last_seq INTEGER NOT NULL DEFAULT 0,  -- every result up to it is durable or was delivered
-    clean INTEGER NOT NULL DEFAULT 0      -- the run closed its spool
+    clean INTEGER NOT NULL DEFAULT 0,     -- the run closed its spool
+    told INTEGER NOT NULL DEFAULT 0,      -- the broker acknowledged a stats message of the run
+    ended TEXT                            -- how it ended, as the run after it found (RUN_ENDS)
 );
 """
 COLUMNS = "id, kind, topic, payload, qos, created, stamp"
@@ -108,9 +111,16 @@ class PreviousRun:
     end: str
     last_seq: int
     lost_at_most: int
+    # Runs before it that did not stop and whose own report never reached the broker (the run after
+    # each ended before a stats message of it was acknowledged): told now, newest first.
+    earlier: tuple[PreviousRun, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {"boot": self.boot, "end": self.end, "last_seq": self.last_seq, "lost_at_most": self.lost_at_most}
+        out: dict[str, object] = {"boot": self.boot, "end": self.end, "last_seq": self.last_seq,
+                                  "lost_at_most": self.lost_at_most}
+        if self.earlier:
+            out["earlier"] = [e.to_json() for e in self.earlier]
+        return out
 
 
 @dataclass
@@ -324,6 +334,10 @@ class Spool:
                 db.executescript(SCHEMA)
                 if "stamp" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
                     db.execute("ALTER TABLE outbox ADD COLUMN stamp REAL")  # a spool from before it had a clock
+                have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+                for column, kind in (("told", "INTEGER NOT NULL DEFAULT 0"), ("ended", "TEXT")):
+                    if column not in have:  # runs as first kept, before these
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
             except sqlite3.OperationalError as exc:
                 if "readonly" not in str(exc):
                     raise
@@ -661,6 +675,9 @@ class Spool:
             try:
                 previous = previous_run(self._db, self._boot)
                 self._db.execute("BEGIN")
+                if previous is not None:  # what the runs after it will read, should this one not tell it
+                    self._db.execute("UPDATE runs SET ended = ?, last_seq = ? WHERE n = (SELECT MAX(n) FROM runs)",
+                                     (previous.end, previous.last_seq))
                 n = self._db.execute("INSERT INTO runs (boot, kernel) VALUES (?, ?)", (boot, self._boot)).lastrowid
                 self._db.execute("DELETE FROM runs WHERE n <= ?", ((n or 0) - KEEP_RUNS,))
                 self._db.execute("COMMIT")
@@ -671,6 +688,14 @@ class Spool:
                 return None
             self._run, self._reserved, self._seq = n, 0, 0
             return previous
+
+    def told(self) -> None:
+        """The broker acknowledged a stats message of this run: what it reports about the runs before it
+        reached consumers, and the next run need not repeat it."""
+        with self._lock:
+            if self._db is not None and self._run is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("UPDATE runs SET told = 1 WHERE n = ?", (self._run,))
 
     # -- status -------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -731,10 +756,21 @@ def previous_run(db: sqlite3.Connection, kernel: str) -> PreviousRun | None:
     # Here, not at the top: the contract brings OpenCV, which `edgecam config` (it imports the spool) does without.
     from edgecam.contract import result_identity
 
-    row = db.execute("SELECT boot, kernel, reserved, last_seq, clean FROM runs ORDER BY n DESC LIMIT 1").fetchone()
-    if row is None:
+    rows = db.execute("SELECT boot, kernel, reserved, last_seq, clean, told, ended FROM runs ORDER BY n DESC"
+                      ).fetchall()
+    if not rows:
         return None
-    boot, ran_under, reserved, last, clean = str(row[0]), str(row[1]), int(row[2]), int(row[3]), bool(row[4])
+    boot, ran_under, reserved, last, clean = str(rows[0][0]), str(rows[0][1]), int(rows[0][2]), int(rows[0][3]), \
+        bool(rows[0][4])
+    # The runs before it whose end was never told: each was reported only by the run after it, and that
+    # run's stats never reached the broker (it ended first, the broker away all along).
+    earlier = []
+    for after, run in itertools.pairwise(rows):
+        if after[5]:  # the run after it told its end
+            break
+        b, r, s, ended = str(run[0]), int(run[2]), int(run[3]), run[6]
+        if ended in ("killed", "power_cut"):
+            earlier.append(PreviousRun(b, ended, s, max(0, r - s) if ended == "power_cut" else 0))
     # Results after the last reservation are durable only as rows of the outbox (those delivered are
     # gone: the bound then counts them too, and a consumer that has them knows).
     newest = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id DESC LIMIT 1").fetchone()
@@ -742,10 +778,10 @@ def previous_run(db: sqlite3.Connection, kernel: str) -> PreviousRun | None:
     if made is not None and made[0] == boot:
         last = max(last, made[1])
     if clean:
-        return PreviousRun(boot, "clean", last, 0)
+        return PreviousRun(boot, "clean", last, 0, tuple(earlier))
     if kernel and ran_under == kernel:
-        return PreviousRun(boot, "killed", last, 0)
-    return PreviousRun(boot, "power_cut", last, max(0, reserved - last))
+        return PreviousRun(boot, "killed", last, 0, tuple(earlier))
+    return PreviousRun(boot, "power_cut", last, max(0, reserved - last), tuple(earlier))
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
