@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from typing import Any
 
 import numpy as np
 import pytest
+from broker import Broker, free_port
 from conftest import one_error_line, run_cli
 
 from edgecam.broker import host_port
-from edgecam.cli.watch import SHADES, check_result, result_line, text_heatmap
+from edgecam.cli.watch import EXIT_NEVER_CONNECTED, EXIT_TOO_FEW, SHADES, check_result, result_line, text_heatmap
 from edgecam.contract import PayloadError, decode_cam, result_payload
 from edgecam.core.errors import EdgecamError
 from edgecam.device.policy import EveryN, PublishPolicy
@@ -280,3 +282,41 @@ def test_watch_refuses_a_bad_timeout_or_count_with_one_line(flag: str, value: st
     proc = run_cli("watch", "--broker", "127.0.0.1:1", flag, value, timeout=30)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     one_error_line(proc, flag)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """watch's `edgecam: error:` lines; the rest of stderr may only be its retry lines."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert all(line.startswith(("edgecam: error: ", "watch: cannot reach ", "watching ")) for line in lines), lines
+    return [line for line in lines if line.startswith("edgecam: error: ")]
+
+
+@pytest.mark.parametrize("count", [[], ["--count", "2"]])
+def test_watch_that_never_connected_says_so_and_fails(count: list[str]) -> None:
+    # Before: exit 0 after --timeout with no broker at all, as if it had watched a quiet fleet.
+    port = free_port()  # nothing listens on it
+    proc = run_cli("watch", "--broker", f"127.0.0.1:{port}", "--timeout", "2", *count, timeout=60)
+    assert proc.returncode == EXIT_NEVER_CONNECTED == 3, (proc.returncode, proc.stderr)
+    assert error_lines(proc) == [f"edgecam: error: never connected to 127.0.0.1:{port} in 2 s"], proc.stderr
+    assert "watch: cannot reach" in proc.stderr and "Connection refused" in proc.stderr
+
+
+def test_watch_that_connected_and_timed_out(broker: Broker) -> None:
+    # A quiet fleet on a broker it reached: a watch without --count did its job (0)...
+    proc = run_cli("watch", "--broker", broker.address, "--timeout", "3", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert error_lines(proc) == [] and f"watching edgecam/+/ on {broker.address}" in proc.stderr
+    # ...one that wanted results did not get them (1).
+    proc = run_cli("watch", "--broker", broker.address, "--timeout", "3", "--count", "1", timeout=60)
+    assert proc.returncode == EXIT_TOO_FEW == 1, proc.stderr
+    assert error_lines(proc) == ["edgecam: error: 0 results in 3 s, expected 1"]
+
+
+def test_watch_help_says_what_each_exit_status_means() -> None:
+    proc = run_cli("watch", "--help", timeout=60)
+    assert proc.returncode == 0
+    statuses = proc.stdout[proc.stdout.index("exit status:"):]
+    for code in ("0", "1", "2", "3"):
+        assert f"\n  {code}  " in statuses, statuses
+    assert "without ever connecting" in statuses

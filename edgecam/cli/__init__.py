@@ -207,13 +207,16 @@ def _dashboard_args(db: argparse.ArgumentParser) -> None:
 
 def _watch_args(w: argparse.ArgumentParser) -> None:
     from edgecam.broker import add_broker_flags
+    from edgecam.cli.watch import EXIT_STATUSES
 
+    w.epilog, w.formatter_class = EXIT_STATUSES, argparse.RawDescriptionHelpFormatter
     add_broker_flags(w)
     w.add_argument("--prefix", default="edgecam", help="topic prefix (default edgecam)")
     w.add_argument("--device", "-d", help="only this device (default: all)")
     w.add_argument("--heatmap", action="store_true", help="draw each decoded CAM as text shades")
     w.add_argument("--count", "-n", type=int, default=0, help="exit after N results")
-    w.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
+    w.add_argument("--timeout", type=float, default=0,
+                   help="stop after this many seconds (0: no limit); see the exit status below")
 
 
 # Each command: its help line, and what adds its arguments (importing what they need: the method

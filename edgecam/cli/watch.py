@@ -60,6 +60,17 @@ def result_line(obj: dict[str, Any]) -> str:
     return f"{obj['device']} #{obj['seq']}  {top}{latency}"
 
 
+# Exit statuses, as `watch --help` states them (EXIT_STATUSES): 2 is every command's for bad usage and
+# for what will not mend by retrying (a refused login or certificate).
+EXIT_TOO_FEW = 1
+EXIT_NEVER_CONNECTED = 3
+EXIT_STATUSES = f"""exit status:
+  0  --count results arrived; or, without --count, --timeout ran out after connecting; or Ctrl-C
+  {EXIT_TOO_FEW}  --timeout ran out before --count results arrived
+  2  bad usage, or the broker refused the login or the TLS handshake
+  {EXIT_NEVER_CONNECTED}  --timeout ran out without ever connecting to the broker"""
+
+
 def run_watch(args: argparse.Namespace) -> int:
     # A negative or NaN timeout would make the wait return at once: exit 0 having watched nothing.
     if not args.timeout >= 0 or math.isinf(args.timeout):
@@ -127,8 +138,13 @@ def run_watch(args: argparse.Namespace) -> int:
         if not say(*lines) or (args.count and seen["results"] >= args.count):
             done.set()
 
-    broker = BrokerClient(opts, "watch", logger=log, on_refused=refused,
-                          on_up=lambda c: c.subscribe([(results, 1), (status, 1), (stats, 1)]))
+    ever_up = threading.Event()
+
+    def on_up(c: paho.Client) -> None:
+        ever_up.set()
+        c.subscribe([(results, 1), (status, 1), (stats, 1)])
+
+    broker = BrokerClient(opts, "watch", logger=log, on_refused=refused, on_up=on_up)
     broker.client.on_subscribe = on_subscribe
     broker.client.on_message = on_message
     broker.start()
@@ -138,11 +154,18 @@ def run_watch(args: argparse.Namespace) -> int:
         finished = True
     finally:
         broker.stop()
-    if not finished and args.count:
+    if finished:
+        return rc["code"]
+    # --timeout ran out. Having watched nothing is not success: a script must tell a broker it never
+    # reached from a quiet fleet.
+    if not ever_up.is_set():
+        print(f"edgecam: error: never connected to {broker.where} in {args.timeout:g} s", file=sys.stderr)
+        return EXIT_NEVER_CONNECTED
+    if args.count:
         got = seen["results"]
         print(f"edgecam: error: {got} results in {args.timeout:g} s, expected {args.count}", file=sys.stderr)
-        return 1
-    return rc["code"]
+        return EXIT_TOO_FEW
+    return 0
 
 
 def say(*lines: str, stream: TextIO | None = None) -> bool:
