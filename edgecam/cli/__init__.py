@@ -61,23 +61,34 @@ def _method_help(which: list[str]) -> str:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    """The explanation methods' options; each method takes those it knows (core/methods)."""
-    p.add_argument("--patch", type=int, default=56, help="occlusion patch side, in model input pixels (default 56)")
-    p.add_argument("--stride", type=int, default=28, help="occlusion stride, in model input pixels (default 28)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random methods (lime, rise, random, and the tie-breaking in evaluate); the "
-                   "same seed gives the same maps")
-    p.add_argument("--samples", type=int,
-                   help="lime: on/off samples (default 500); rise: random masks (default 1000); one inference each")
-    p.add_argument("--segments", type=int, help="lime: superpixels (SLIC) to switch on and off (default 50)")
-    p.add_argument("--cells", type=int, help="rise: cells on each side of a mask's coarse grid (default 7)")
-    p.add_argument("--stage", help="scorecam: 'last' (default), a stage's number as `edgecam layers` lists them "
-                   "(1 = nearest the input), or a tensor name")
-    p.add_argument("--channels", type=int,
-                   help="scorecam: the K most active channels of the stage to use (default 128): K inferences")
-    p.add_argument("--workers", type=int,
-                   help="interpreters running a map's inferences side by side, one thread each (default: one "
-                   "per core)")
+    """The explanation methods' options; each method takes those it knows (its fields, core/methods),
+    and one given to a method that does not take it is refused (core.methods.check_options)."""
+    from edgecam.core.methods.registry import names
+
+    g = p.add_argument_group("method options", "each applies to the methods it names; given with another "
+                             "method it is refused")
+    # No argparse defaults: None is "not given", so the method's own default applies and a
+    # given option can be told from a default one.
+    options = [
+        g.add_argument("--patch", type=int, help="occlusion: patch side, in model input pixels (default 56)"),
+        g.add_argument("--stride", type=int, help="occlusion: stride, in model input pixels (default 28)"),
+        g.add_argument("--seed", type=int,
+                       help="seed of the random methods (lime, rise, random; in evaluate also the tie-breaking) "
+                       "(default 0); the same seed gives the same maps"),
+        g.add_argument("--samples", type=int,
+                       help="lime: on/off samples (default 500); rise: random masks (default 1000); one inference "
+                       "each"),
+        g.add_argument("--segments", type=int, help="lime: superpixels (SLIC) to switch on and off (default 50)"),
+        g.add_argument("--cells", type=int, help="rise: cells on each side of a mask's coarse grid (default 7)"),
+        g.add_argument("--stage", help="scorecam: 'last' (default), a stage's number as `edgecam layers` lists "
+                       "them (1 = nearest the input), or a tensor name"),
+        g.add_argument("--channels", type=int,
+                       help="scorecam: the K most active channels of the stage to use (default 128): K inferences"),
+    ]
+    p.set_defaults(method_options=tuple(a.dest for a in options))
+    g.add_argument("--workers", type=int,
+                   help="interpreters running the inferences side by side, one thread each (default: one per "
+                   f"core); explain refuses it with a method that runs no more ({', '.join(names(('frame',)))})")
 
 
 def _explain_args(ex: argparse.ArgumentParser) -> None:

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Collection, Sequence
 
 from edgecam.core.errors import EdgecamError
 from edgecam.core.manifest import resolve
+from edgecam.core.methods import check_options
 from edgecam.core.model import Classifier, HeadNames
 from edgecam.core.normalization import normalization
 
 
 def check_seed(args: argparse.Namespace) -> None:
     """The random methods' and evaluate's generator takes no negative seed (numpy raises)."""
-    if args.seed < 0:
+    if args.seed is not None and args.seed < 0:
         raise EdgecamError(f"--seed {args.seed}: must be 0 or more")
+
+
+def check_method_options(args: argparse.Namespace, chosen: Sequence[str], own: Collection[str] = ()) -> None:
+    """The method options given (cli's method option group) against the methods chosen; `own`: those
+    the command itself uses whatever the method (evaluate's --seed)."""
+    check_options(chosen, {k: getattr(args, k) for k in args.method_options if k not in own})
 
 
 def load_classifier(args: argparse.Namespace, model: str | None = None) -> Classifier:

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from edgecam.cli.common import check_seed, load_classifier
+from edgecam.cli.common import check_method_options, check_seed, load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.evaluate import DEFAULT_METHODS, Score, evaluate_image, means, table
 from edgecam.core.images import iter_images
@@ -18,7 +18,9 @@ from edgecam.device.workers import scorer_for
 
 def run_evaluate(args: argparse.Namespace) -> int:
     check_seed(args)
-    methods = [make(name, **vars(args)) for name in dict.fromkeys(args.method or DEFAULT_METHODS)]
+    chosen = list(dict.fromkeys(args.method or DEFAULT_METHODS))
+    check_method_options(args, chosen, own={"seed"})  # the seed breaks the curves' ties too
+    methods = [make(name, **vars(args)) for name in chosen]
     if not 2 <= args.steps <= 200:
         raise EdgecamError(f"--steps {args.steps}: must be from 2 to 200")
     if args.masks and not args.masks.is_dir():
@@ -37,7 +39,7 @@ def _evaluate_all(args: argparse.Namespace, clf: Classifier, methods: list[Metho
             failed += 1
             continue
         try:
-            scores += evaluate_image(clf, path, methods, args.steps, args.seed, args.masks, scorer,
+            scores += evaluate_image(clf, path, methods, args.steps, args.seed or 0, args.masks, scorer,
                                      max_pixels=args.max_pixels)
         except EdgecamError as exc:
             print(f"edgecam: {exc}", file=sys.stderr)

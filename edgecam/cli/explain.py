@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 
-from edgecam.cli.common import check_seed, load_classifier
+from edgecam.cli.common import check_method_options, check_seed, load_classifier
 from edgecam.core.errors import EdgecamError
 from edgecam.core.explain import Explanation, explain_frame, to_json
 from edgecam.core.images import ImageRefused, iter_images, read_image
 from edgecam.core.labels import class_id, short_label
-from edgecam.core.methods import Method, Scorer, make
+from edgecam.core.methods import REGISTRY, Method, Scorer, make, names
 from edgecam.core.model import Classifier
 from edgecam.core.preprocess import crop_box, resize_path
 from edgecam.core.render import overlay, write_image
@@ -55,6 +55,10 @@ def run_explain(args: argparse.Namespace) -> int:
         args.method = "wide"
     if args.method == "wide" and args.crop:
         raise EdgecamError("--wide and --crop go against each other: --wide keeps the whole frame unsquashed")
+    check_method_options(args, [args.method])
+    if args.workers is not None and REGISTRY[args.method].cost == "frame":
+        raise EdgecamError(f"--workers applies to the methods that run more inferences, --method "
+                           f"{', '.join(names(('map', 'many')))}; not to {args.method}")
     method = make(args.method, **vars(args))
     clf = load_classifier(args)
     scorer = scorer_for(clf, args.workers) if method.cost != "frame" else None
