@@ -25,6 +25,7 @@ from edgecam.device.sources import (
     SourceEnded,
     SourceError,
     is_pi5,
+    nv12_to_bgr,
     parse_opencv_uri,
     picamera2_to_bgr,
     v4l2_devices,
@@ -407,10 +408,16 @@ class FakePicamera2:
     """picamera2.Picamera2's methods as edgecam uses them, recording every call."""
 
     def __init__(
-        self, main: np.ndarray | None = None, lores: np.ndarray | None = None, fail: dict[str, Exception] | None = None
+        self,
+        main: np.ndarray | None = None,
+        lores: np.ndarray | None = None,
+        fail: dict[str, Exception] | None = None,
+        adjust: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.main, self.lores = main, lores
         self.fail = fail or {}
+        # What libcamera changes in each stream at configure (picamera2 writes it to camera_config).
+        self.adjust = adjust or {}
         self.calls: list[tuple[str, Any]] = []
 
     def _call(self, name: str, arg: Any = None) -> None:
@@ -424,6 +431,9 @@ class FakePicamera2:
 
     def configure(self, cfg: Any) -> None:
         self._call("configure", cfg)
+        self.camera_config = {
+            k: {**v, **self.adjust.get(k, {})} if isinstance(v, dict) else v for k, v in cfg.items()
+        }
 
     def start(self) -> None:
         self._call("start")
@@ -499,6 +509,58 @@ def test_picamera2_lores_rgb_on_pi5(bgr: np.ndarray, display: np.ndarray) -> Non
     frame = src.read()
     assert np.array_equal(frame.image, bgr)
     assert frame.display is not None and np.array_equal(frame.display, display)
+
+
+def nv12(bgr: np.ndarray, fmt: str = "NV12") -> np.ndarray:
+    """A BGR image as picamera2 hands an NV12 (NV21) stream: Y rows, then interleaved chroma rows."""
+    h, w = bgr.shape[:2]
+    i420 = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420).reshape(-1)
+    u, v = i420[w * h : w * h * 5 // 4], i420[w * h * 5 // 4 :]
+    pairs = np.stack([u, v] if fmt == "NV12" else [v, u], axis=1).reshape(h // 2, w)
+    return np.concatenate([i420[: w * h].reshape(h, w), pairs])
+
+
+@pytest.mark.parametrize("fmt", ["NV12", "NV21"])
+def test_picamera2_reads_the_stream_libcamera_adjusted(bgr: np.ndarray, fmt: str) -> None:
+    """A camera that gives only NV12 at its own size (libcamera's virtual camera, some USB ones):
+    the frame is converted from what arrived, not read as the RGB888 that was asked for."""
+    big = cv2.resize(bgr, (96, 72), interpolation=cv2.INTER_LINEAR)
+    cam = FakePicamera2(main=nv12(big, fmt), adjust={"main": {"format": fmt, "size": (96, 72)}})
+    src = Picamera2Source((64, 48), None, factory=lambda: cam, pi5=False)
+    src.open()
+    assert cam.configured()["main"] == {"size": (64, 48), "format": "RGB888"}
+    frame = src.read()
+    code = cv2.COLOR_YUV2BGR_NV12 if fmt == "NV12" else cv2.COLOR_YUV2BGR_NV21
+    assert frame.image.shape == (72, 96, 3)
+    assert np.array_equal(frame.image, cv2.cvtColor(nv12(big, fmt), code))
+    # In colour: nearer the picture than the grey one the Y plane read as RGB888 would give.
+    grey = cv2.cvtColor(nv12(big, fmt)[:72], cv2.COLOR_GRAY2BGR)
+    assert np.abs(frame.image.astype(int) - big).mean() < np.abs(grey.astype(int) - big).mean() / 2
+    assert "96x72" in src.description
+
+
+def test_picamera2_adjusted_lores_is_read_as_adjusted(bgr: np.ndarray, display: np.ndarray) -> None:
+    cam = FakePicamera2(main=display.copy(), lores=nv12(bgr), adjust={"lores": {"format": "NV12"}})
+    src = Picamera2Source((64, 48), (160, 120), factory=lambda: cam, pi5=False)
+    src.open()
+    frame = src.read()
+    assert np.array_equal(frame.image, cv2.cvtColor(nv12(bgr), cv2.COLOR_YUV2BGR_NV12))
+    assert frame.display is not None and np.array_equal(frame.display, display)
+
+
+def test_picamera2_refuses_a_format_it_cannot_convert() -> None:
+    cam = FakePicamera2(adjust={"main": {"format": "MJPEG", "size": (640, 480)}})
+    src = Picamera2Source((64, 48), None, factory=lambda: cam, pi5=False)
+    with pytest.raises(SourceError) as info:
+        src.open()
+    assert "gives MJPEG on its main stream" in str(info.value) and "NV12" in str(info.value)
+    assert cam.names()[-1] == "close" and "start" not in cam.names() and src.cam is None
+
+
+@pytest.mark.parametrize("shape", [(70, 96), (71, 96), (72, 94), (72, 96, 2)])
+def test_nv12_wrong_shape(shape: tuple[int, ...]) -> None:
+    with pytest.raises(SourceError, match=r"NV12 array of shape .* does not fit 96x48"):
+        nv12_to_bgr(np.zeros(shape, np.uint8), 96, 48)
 
 
 @pytest.mark.parametrize(

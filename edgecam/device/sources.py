@@ -237,6 +237,9 @@ def _busy_hint(target: int | str) -> str:
 
 # picamera2 formats are named by the 32-bit word, so in memory they run backwards:
 # 'RGB888' arrays are B,G,R (OpenCV's order) and 'BGR888' arrays are R,G,B.
+PICAMERA2_FORMATS = ("RGB888", "BGR888", "XRGB8888", "XBGR8888", "YUV420", "NV12", "NV21")
+
+
 def picamera2_to_bgr(array: np.ndarray, fmt: str, size: tuple[int, int]) -> np.ndarray:
     """A picamera2 array of `fmt` at `size` (w, h) as a BGR image."""
     w, h = size
@@ -249,7 +252,19 @@ def picamera2_to_bgr(array: np.ndarray, fmt: str, size: tuple[int, int]) -> np.n
         return bgr if fmt == "XRGB8888" else cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_RGB2BGR)
     if fmt == "YUV420":
         return yuv420_to_bgr(array, w, h)
+    if fmt in ("NV12", "NV21"):
+        return nv12_to_bgr(array, w, h, fmt)
     raise SourceError(f"picamera2: unsupported stream format {fmt}")
+
+
+def nv12_to_bgr(array: np.ndarray, width: int, height: int, fmt: str = "NV12") -> np.ndarray:
+    """picamera2's NV12 (or NV21) array, shape (h * 3 / 2, >= w): a Y plane, then h/2 rows of
+    interleaved U,V (V,U) pairs as wide as the Y rows, to BGR."""
+    rows, cols = array.shape[:2]
+    if array.ndim != 2 or rows != height * 3 // 2 or cols < width or height % 2 or width % 2:
+        raise SourceError(f"picamera2: {fmt} array of shape {array.shape} does not fit {width}x{height}")
+    code = cv2.COLOR_YUV2BGR_NV12 if fmt == "NV12" else cv2.COLOR_YUV2BGR_NV21
+    return cv2.cvtColor(np.ascontiguousarray(array[:, :width]), code)
 
 
 def yuv420_to_bgr(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -304,6 +319,8 @@ class Picamera2Source:
         self.live = True
         self.lores_format = "RGB888" if self.pi5 else "YUV420"
         self.description = "picamera2"
+        # Each stream's format and (w, h) as libcamera configured them (see negotiated()).
+        self.streams: dict[str, tuple[str, tuple[int, int]]] = {}
 
     def configuration(self, cam: Any) -> Any:
         if self.display_size is None:
@@ -332,15 +349,26 @@ class Picamera2Source:
                 raise SourceError("picamera2: no camera found (check the cable; `rpicam-hello --list`)") from None
             raise SourceError(f"picamera2: cannot open the camera: {text}") from None
         try:
-            cam.configure(self.configuration(cam))
+            asked = self.configuration(cam)
+            cam.configure(asked)
+            streams = {name: negotiated(cam, name, asked[name]) for name in self.stream_names()}
             cam.start()
+        except SourceError:
+            cam.close()
+            raise
         except Exception as exc:  # picamera2 raises bare RuntimeErrors and libcamera errors alike
             cam.close()
             raise SourceError(f"picamera2: cannot start the camera: {' '.join(str(exc).split())}") from None
         self.cam = cam
-        self.description = f"picamera2 {self.model_size[0]}x{self.model_size[1]}" + (
-            f" + {self.display_size[0]}x{self.display_size[1]}" if self.display_size else ""
+        self.streams = streams
+        model, display = streams[self.stream_names()[-1]], streams["main"] if self.display_size else None
+        self.description = f"picamera2 {model[1][0]}x{model[1][1]}" + (
+            f" + {display[1][0]}x{display[1][1]}" if display else ""
         )
+
+    def stream_names(self) -> list[str]:
+        """The streams read, the one the model sees last."""
+        return ["main"] if self.display_size is None else ["main", "lores"]
 
     def read(self) -> Frame:
         if self.cam is None:
@@ -349,7 +377,7 @@ class Picamera2Source:
             if self.display_size is None:
                 main = self.cam.capture_array("main")
                 ts, mono = time.time(), time.monotonic()
-                image = check_frame(picamera2_to_bgr(main, "RGB888", self.model_size), "picamera2")
+                image = check_frame(picamera2_to_bgr(main, *self.streams["main"]), "picamera2")
                 return Frame(image, ts, mono)
             arrays, _ = self.cam.capture_arrays(["main", "lores"])
         except SourceError:
@@ -358,8 +386,8 @@ class Picamera2Source:
             raise SourceError(f"picamera2: capture failed: {' '.join(str(exc).split())}") from None
         ts, mono = time.time(), time.monotonic()
         main, lores = arrays
-        display = check_frame(picamera2_to_bgr(main, "RGB888", self.display_size), "picamera2 main")
-        image = check_frame(picamera2_to_bgr(lores, self.lores_format, self.model_size), "picamera2 lores")
+        display = check_frame(picamera2_to_bgr(main, *self.streams["main"]), "picamera2 main")
+        image = check_frame(picamera2_to_bgr(lores, *self.streams["lores"]), "picamera2 lores")
         return Frame(image, ts, mono, display=display)
 
     def close(self) -> None:
@@ -369,6 +397,29 @@ class Picamera2Source:
             finally:
                 self.cam.close()
                 self.cam = None
+
+
+def negotiated(cam: Any, name: str, asked: dict[str, Any]) -> tuple[str, tuple[int, int]]:
+    """The format and size libcamera settled on for a stream, which may not be what was asked:
+    libcamera adjusts a request to what the camera can give (a Pi's ISP gives what is asked; a
+    USB or virtual camera may give only NV12 or YUYV, only at some sizes), and picamera2 then
+    writes the adjusted stream into `camera_config`. Reading the arrays as asked would turn an
+    NV12 frame into a grey picture without a word. A format edgecam cannot convert is refused."""
+    fmt, size = str(asked["format"]), tuple(asked["size"])
+    got = getattr(cam, "camera_config", None)
+    stream = got.get(name) if isinstance(got, dict) else None
+    if isinstance(stream, dict):
+        fmt, size = str(stream.get("format", fmt)), tuple(stream.get("size", size))
+    if fmt not in PICAMERA2_FORMATS:
+        raise SourceError(
+            f"picamera2: the camera gives {fmt} on its {name} stream, which edgecam does not convert "
+            f"(it takes {', '.join(PICAMERA2_FORMATS)})"
+        )
+    w, h = int(size[0]), int(size[1])
+    if (fmt, (w, h)) != (asked["format"], tuple(asked["size"])):
+        _log.info("picamera2: the %s stream is %s %dx%d (asked %s %dx%d): libcamera adjusted it",
+                  name, fmt, w, h, asked["format"], *asked["size"])
+    return fmt, (w, h)
 
 
 def _import_picamera2() -> Callable[[], Any]:
