@@ -25,6 +25,7 @@ from edgecam.device.sources import (
     SourceEnded,
     SourceError,
     is_pi5,
+    make_source,
     nv12_to_bgr,
     parse_opencv_uri,
     picamera2_to_bgr,
@@ -419,6 +420,7 @@ class FakePicamera2:
         # What libcamera changes in each stream at configure (picamera2 writes it to camera_config).
         self.adjust = adjust or {}
         self.calls: list[tuple[str, Any]] = []
+        self.waits: list[float | None] = []  # each capture's timeout
 
     def _call(self, name: str, arg: Any = None) -> None:
         self.calls.append((name, arg))
@@ -444,12 +446,14 @@ class FakePicamera2:
     def close(self) -> None:
         self._call("close")
 
-    def capture_array(self, name: str = "main") -> np.ndarray:
+    def capture_array(self, name: str = "main", wait: float | None = None) -> np.ndarray:
+        self.waits.append(wait)
         self._call("capture_array", name)
         assert self.main is not None
         return self.main
 
-    def capture_arrays(self, names: list[str]) -> tuple[list[np.ndarray], dict[str, Any]]:
+    def capture_arrays(self, names: list[str], wait: float | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+        self.waits.append(wait)
         self._call("capture_arrays", list(names))
         arrays = {"main": self.main, "lores": self.lores}
         return [arrays[n] for n in names], {"SensorTimestamp": 123}  # type: ignore[misc]
@@ -603,6 +607,21 @@ def test_picamera2_capture_failure_is_a_source_error(bgr: np.ndarray) -> None:
     src.open()
     with pytest.raises(SourceError, match="capture failed: dequeue timed out"):
         src.read()
+
+
+@pytest.mark.parametrize("display", [None, (160, 120)])
+def test_picamera2_capture_that_times_out_is_a_source_error(display: tuple[int, int] | None) -> None:
+    """picamera2 waits forever unless told; a capture stuck in it would hold the camera, and the
+    fresh source opened in its place could never acquire it. Each capture waits read_timeout at most."""
+    fail = {"capture_array": TimeoutError(), "capture_arrays": TimeoutError()}
+    cam = FakePicamera2(fail=fail)
+    src = make_source("picamera2", "", (64, 48), display, (640, 480), read_timeout=7.5)
+    assert isinstance(src, Picamera2Source)
+    src.factory, src.pi5 = (lambda: cam), False
+    src.open()
+    with pytest.raises(SourceError, match=r"^picamera2: no frame within 7.5 s$"):
+        src.read()
+    assert cam.waits == [7.5]
 
 
 def test_picamera2_close_closes_even_when_stop_fails() -> None:

@@ -67,7 +67,7 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
 
     def make() -> Source:
         return make_source(src.kind, src.uri, model_size, display, (src.width, src.height), src.repeat, src.fps,
-                           src.max_pixels)
+                           src.max_pixels, src.read_timeout)
 
     if src.kind == "auto":
         return Capture(open_auto(model_size, display, (src.width, src.height)), src.read_timeout)

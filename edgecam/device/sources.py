@@ -310,8 +310,12 @@ class Picamera2Source:
         display_size: tuple[int, int] | None,
         factory: Callable[[], Any] | None = None,
         pi5: bool | None = None,
+        wait: float = 5.0,
     ) -> None:
         self.model_size = model_size
+        # How long a capture may take. picamera2 otherwise waits forever, and a capture thread left
+        # stuck holds the camera, so the fresh source opened in its place could never acquire it.
+        self.wait = wait
         self.display_size = display_size
         self.factory = factory
         self.pi5 = is_pi5() if pi5 is None else pi5
@@ -375,13 +379,15 @@ class Picamera2Source:
             raise SourceError("picamera2: not open")
         try:
             if self.display_size is None:
-                main = self.cam.capture_array("main")
+                main = self.cam.capture_array("main", wait=self.wait)
                 ts, mono = time.time(), time.monotonic()
                 image = check_frame(picamera2_to_bgr(main, *self.streams["main"]), "picamera2")
                 return Frame(image, ts, mono)
-            arrays, _ = self.cam.capture_arrays(["main", "lores"])
+            arrays, _ = self.cam.capture_arrays(["main", "lores"], wait=self.wait)
         except SourceError:
             raise
+        except TimeoutError:
+            raise SourceError(f"picamera2: no frame within {self.wait:g} s") from None
         except Exception as exc:
             raise SourceError(f"picamera2: capture failed: {' '.join(str(exc).split())}") from None
         ts, mono = time.time(), time.monotonic()
@@ -463,6 +469,7 @@ def make_source(
     repeat: bool = True,
     fps: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    read_timeout: float = 5.0,
 ) -> Source:
     """The configured source, not yet opened ('auto' is open_auto's)."""
     if kind == "folder":
@@ -470,7 +477,7 @@ def make_source(
     if kind == "opencv":
         return OpenCVSource(uri, capture_size[0], capture_size[1], repeat, fps)
     if kind == "picamera2":
-        return Picamera2Source(model_size, display_size)
+        return Picamera2Source(model_size, display_size, wait=read_timeout)
     raise EdgecamError(f"source.kind: unknown source {kind!r}")
 
 
