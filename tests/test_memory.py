@@ -123,6 +123,9 @@ def test_the_classifier_holds_its_model_once_and_its_weights_as_stored() -> None
     assert np.array_equal(clf.head.weights[5], whole[5])
 
 
+FRAME_BYTES = 1 << 20  # a 720p frame is 2.6 MiB, its pictures and scaled copies at least 1 MiB
+
+
 @pytest.mark.model
 def test_frames_leave_no_garbage_behind(broker: Broker, tmp_path: Path) -> None:
     """Hundreds of 720p frames through the whole loop (a folder source, as `edgecam run --source DIR`
@@ -150,20 +153,24 @@ def test_frames_leave_no_garbage_behind(broker: Broker, tmp_path: Path) -> None:
         d.publish_stats()
         tracemalloc.start()
         try:
-            held = []
+            snaps = []
             for _ in range(3):
                 d.frames(150)
                 d.finisher.wait()
                 d.publish_stats()
                 assert wait_until(lambda: sink.spool.counts()["waiting"] == 0, 20)
                 gc.collect()
-                held.append(tracemalloc.get_traced_memory()[0])
-            top = tracemalloc.take_snapshot().statistics("lineno")[:5]
+                snaps.append(tracemalloc.take_snapshot())
         finally:
             tracemalloc.stop()
     finally:
         sink.close(5)
     assert d.seq == 550
+    diff = snaps[-1].compare_to(snaps[0], "lineno")
+    # One block of a frame's size more or less is a picture some thread still refers to until its next
+    # frame replaces it (seen once in CI: 1.9 MB in a single block, on tflite-runtime), not a leak: a
+    # leak grows by a block, or a block's size, every frame.
+    in_flight = [s for s in diff if abs(s.count_diff) <= 1 and abs(s.size_diff) >= FRAME_BYTES]
+    growth = sum(s.size_diff for s in diff if s not in in_flight)
     # A leak of 300 bytes a frame would be 90 KB over the last 300 frames.
-    growth = held[-1] - held[0]
-    assert growth < 64_000, f"{growth} bytes more after 300 frames; biggest holders: {top}"
+    assert growth < 64_000, f"{growth} bytes more after 300 frames; biggest holders: {diff[:5]}"
