@@ -78,4 +78,5 @@ mkfs.ext4 -q -F -L labpayload -d "$run/payload" "$run/payload.img" "${size_mb}M"
 rm -rf "$run/payload"
 
 echo "lab: image $image (${t_image} s), wheelhouse $wheels (${t_wheels} s); logs in $run"
-"$py" lab/lab.py --image "$image" --payload "$run/payload.img" --workdir "$run" --checks "$checks" --smp "$smp"
+"$py" lab/lab.py --image "$image" --payload "$run/payload.img" --workdir "$run" --checks "$checks" --smp "$smp" \
+  --payload-images "$shared/images"
