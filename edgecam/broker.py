@@ -49,6 +49,8 @@ def host_port(text: str, flag: str, default_port: int | None = None) -> tuple[st
         return EdgecamError(f"{flag} {text!r}: {why}")
 
     port_text: str | None
+    if "://" in text:
+        raise bad("a URL; give the host and port alone, e.g. broker.lan:1883")
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed:

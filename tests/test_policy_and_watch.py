@@ -255,6 +255,7 @@ def test_host_port_default_port() -> None:
         ("[host]:80", "'host' in brackets is not an IPv6 address"),
         ("a:b:c", "more than one ':'; an IPv6 address goes in brackets"),
         ("a b:80", "space"),
+        ("mqtt://h:1883", "a URL; give the host and port alone"),
     ],
 )
 @pytest.mark.parametrize("flag", ["--broker", "--listen"])
