@@ -58,7 +58,8 @@ def spooled_seqs(path: Path) -> list[tuple[str, int]]:
         rows = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id").fetchall()
     finally:
         db.close()
-    return [got for (p,) in rows if (got := result_identity(bytes(p))) is not None]
+    payloads = [p.encode() if isinstance(p, str) else bytes(p) for (p,) in rows]
+    return [got for p in payloads if (got := result_identity(p)) is not None]
 
 
 def any_spooled(path: Path) -> bool:
@@ -173,6 +174,46 @@ def test_a_spool_from_before_runs_were_kept_opens_and_loses_nothing(tmp_path: Pa
     s.close()
     assert spooled_seqs(path) == [("old1", i) for i in range(1, 6)] + [("aaaa", 1)]
     assert spool(path, "k1").begin_run("bbbb") == PreviousRun("aaaa", "clean", 1, 0)
+
+
+@pytest.mark.parametrize("damage", [
+    "UPDATE runs SET reserved = 'abc'",          # text where a seq goes
+    "UPDATE runs SET reserved = 9e999",          # a float SQLite keeps as Inf
+    "UPDATE runs SET last_seq = x'00ff'",        # a blob
+    "UPDATE runs SET last_seq = -5",
+    "UPDATE runs SET boot = '" + "x" * 500 + "'",  # a boot id consumers refuse: every stats refused whole
+    "UPDATE runs SET boot = 'a' || char(10) || 'b'",
+    "UPDATE runs SET reserved = 9223372036854775807, clean = 0",  # a bound no reservation makes
+    "UPDATE outbox SET payload = '{\"boot\":\"aaaa\",\"seq\":100000000000000000000}'",  # above any seq, TEXT
+    "UPDATE outbox SET payload = 1000000",  # a number: it was read as bytes(1000000), a megabyte of zeros
+])
+def test_a_damaged_runs_row_is_one_line_and_loses_nothing(tmp_path: Path, damage: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A row no run of edgecam wrote: the daemon starts (it raised at start: int('abc'), int(inf), a seq
+    SQLite cannot hold), says one line, makes no claim consumers would refuse, and keeps every message."""
+    path = tmp_path / "spool.db"
+    s = spool(path, "k1")
+    s.begin_run("aaaa")
+    s.append("result", "t", result("aaaa", 1), 1, 1)
+    s.close()
+    db = sqlite3.connect(str(path))
+    db.execute(damage)
+    db.commit()
+    db.close()
+    s = spool(path, "k2")
+    with caplog.at_level("WARNING", logger="edgecam.device.spool"):
+        previous = s.begin_run("bbbb")
+    if previous is None:
+        assert len([r for r in caplog.records if "damaged" in r.getMessage()]) == 1
+    else:  # what it says must be what consumers take, and bounded by the reservation
+        assert check_previous(previous.to_json()) is not None
+        assert previous.lost_at_most <= RESERVE_SEQS and previous.last_seq < 1 << 63
+    s.append("result", "t", result("bbbb", 1), 1, 1)
+    kept = s.after(0, 10)  # what the sender reads: both messages, each no bigger than what is stored
+    s.close()
+    assert len(kept) == 2 and kept[1].payload == result("bbbb", 1) and len(kept[0].payload) < 100
+    after = spool(path, "k2").begin_run("cccc")
+    assert after is not None and (after.boot, after.end, after.last_seq) == ("bbbb", "clean", 1)
 
 
 def test_an_end_never_told_is_carried_to_the_next_run_that_can(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from edgecam.device.clock import Clocks
 
@@ -579,7 +580,7 @@ class Spool:
         if self._reads.on:
             self._reads.ended(time.monotonic(), "nothing was lost")
         stamp_now = self.now()
-        return [Message(i, k, t, bytes(p), q, c, stamp_now if s is None else s) for i, k, t, p, q, c, s in rows]
+        return [Message(i, k, t, _blob(p), q, c, stamp_now if s is None else s) for i, k, t, p, q, c, s in rows]
 
     def _oldest(self, kind: str) -> Message | None:
         for m in self._select("WHERE kind = ? ORDER BY id LIMIT ?", (kind, 1 + len(self._tombstones))):
@@ -673,7 +674,12 @@ class Spool:
             if self._db is None:
                 return None
             try:
-                previous = previous_run(self._db, self._boot)
+                try:
+                    previous = previous_run(self._db, self._boot)
+                except DamagedRun as exc:  # a row no run of edgecam wrote: the run is recorded all the same
+                    log.warning("spool: %s: the previous run's row is damaged (%s); how it ended is unknown",
+                                self.path, exc)
+                    previous = None
                 self._db.execute("BEGIN")
                 if previous is not None:  # what the runs after it will read, should this one not tell it
                     self._db.execute("UPDATE runs SET ended = ?, last_seq = ? WHERE n = (SELECT MAX(n) FROM runs)",
@@ -760,28 +766,58 @@ def previous_run(db: sqlite3.Connection, kernel: str) -> PreviousRun | None:
                       ).fetchall()
     if not rows:
         return None
-    boot, ran_under, reserved, last, clean = str(rows[0][0]), str(rows[0][1]), int(rows[0][2]), int(rows[0][3]), \
-        bool(rows[0][4])
+    boot, ran_under, reserved, last, clean = _run_row(rows[0])
     # The runs before it whose end was never told: each was reported only by the run after it, and that
     # run's stats never reached the broker (it ended first, the broker away all along).
     earlier = []
     for after, run in itertools.pairwise(rows):
         if after[5]:  # the run after it told its end
             break
-        b, r, s, ended = str(run[0]), int(run[2]), int(run[3]), run[6]
-        if ended in ("killed", "power_cut"):
-            earlier.append(PreviousRun(b, ended, s, max(0, r - s) if ended == "power_cut" else 0))
+        try:
+            b, _, r, s, _ = _run_row(run)
+        except DamagedRun:  # what it said is unknown, and so is any run before it
+            break
+        if run[6] in ("killed", "power_cut"):
+            earlier.append(PreviousRun(b, run[6], s, min(RESERVE_SEQS, max(0, r - s)) if run[6] == "power_cut" else 0))
     # Results after the last reservation are durable only as rows of the outbox (those delivered are
     # gone: the bound then counts them too, and a consumer that has them knows).
     newest = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id DESC LIMIT 1").fetchone()
-    made = result_identity(bytes(newest[0])) if newest else None
-    if made is not None and made[0] == boot:
+    made = result_identity(_blob(newest[0])) if newest else None
+    if made is not None and made[0] == boot and 0 <= made[1] <= MAX_SEQ:
         last = max(last, made[1])
     if clean:
         return PreviousRun(boot, "clean", last, 0, tuple(earlier))
     if kernel and ran_under == kernel:
         return PreviousRun(boot, "killed", last, 0, tuple(earlier))
-    return PreviousRun(boot, "power_cut", last, max(0, reserved - last), tuple(earlier))
+    # A reservation is made RESERVE_SEQS ahead of the seq it records: no more can be lost.
+    return PreviousRun(boot, "power_cut", last, min(RESERVE_SEQS, max(0, reserved - last)), tuple(earlier))
+
+
+MAX_SEQ = (1 << 63) - 1  # SQLite's largest integer
+
+
+def _blob(payload: object) -> bytes:
+    """A payload as stored: a blob, or what a file not written by edgecam holds there (TEXT, a number:
+    bytes(1000000) would be a megabyte of zeros, bytes('x') raises)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return str(payload).encode("utf-8", "surrogateescape")
+
+
+class DamagedRun(ValueError):
+    """A row of `runs` that no run of edgecam wrote (a type, a size, a boot id it never makes)."""
+
+
+def _run_row(row: tuple[Any, ...]) -> tuple[str, str, int, int, bool]:
+    """(boot, kernel, reserved, last_seq, clean) of a row of `runs`, checked: what it says goes out in
+    every stats message, which consumers refuse whole when it is not a boot id and whole numbers."""
+    boot, kernel, reserved, last, clean = row[:5]
+    if not (isinstance(boot, str) and 0 < len(boot) <= 64 and boot.isprintable()):
+        raise DamagedRun(f"boot {str(boot)[:40]!r} is not a boot id")
+    for name, v in (("reserved", reserved), ("last_seq", last)):
+        if not (isinstance(v, int) and 0 <= v <= MAX_SEQ):
+            raise DamagedRun(f"{name} {str(v)[:40]!r} is not a seq")
+    return boot, str(kernel), reserved, last, bool(clean)
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
