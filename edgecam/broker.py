@@ -71,8 +71,8 @@ def host_port(text: str, flag: str, default_port: int | None = None) -> tuple[st
         port_text = port_text if sep else None
     if not host:
         raise bad("no host")
-    if not host.isprintable() or " " in host:
-        raise bad("the host has a space or a control character")
+    if (why := host_problem(host)) is not None:
+        raise bad(why)
     if port_text is None:
         if default_port is None:
             raise bad("no port; expected HOST:PORT ([IPv6]:PORT for an IPv6 address)")
@@ -82,6 +82,21 @@ def host_port(text: str, flag: str, default_port: int | None = None) -> tuple[st
     if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536):
         raise bad(f"port {port_text!r} is not 1..65535")
     return host, int(port_text)
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be a broker's or a listener's host, or None. A name is looked up as IDNA
+    (socket.getaddrinfo encodes it so): a label over 63 characters, an empty one or a name over 253
+    raised UnicodeError in paho's thread, a traceback and a client that never connected again."""
+    if not host.isprintable() or " " in host:
+        return "the host has a space or a control character"
+    if ip_version(host) is not None:
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        return f"not a host name ({exc.__cause__ or exc})"
+    return None
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -496,6 +496,17 @@ def test_cli_missing_config_file(tmp_path: Path) -> None:
     one_error_line(proc, "missing.toml", "not found")
 
 
+@pytest.mark.parametrize("host", ["a" * 64, "a..lan", "with space", ""])
+def test_cli_a_broker_host_no_lookup_takes(tmp_path: Path, host: str) -> None:
+    # Before: accepted; the daemon's paho thread then died on it (UnicodeError: label too long), a
+    # traceback, and the daemon never connected.
+    path = tmp_path / "host.toml"
+    path.write_text(f'[mqtt]\nhost = "{host}"\n', encoding="utf-8")
+    proc = run_cli("config", "check", "-c", path, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    one_error_line(proc, "mqtt.host")
+
+
 def test_cli_bad_key_in_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[mqtt]\nhots = "x"\n', encoding="utf-8")

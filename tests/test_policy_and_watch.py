@@ -256,6 +256,9 @@ def test_host_port_default_port() -> None:
         ("a:b:c", "more than one ':'; an IPv6 address goes in brackets"),
         ("a b:80", "space"),
         ("mqtt://h:1883", "a URL; give the host and port alone"),
+        ("a" * 64 + ":1883", "not a host name (label too long)"),  # was a traceback in paho's thread
+        ("a..lan:1883", "not a host name"),
+        (".lan:1883", "not a host name"),
     ],
 )
 @pytest.mark.parametrize("flag", ["--broker", "--listen"])
@@ -301,6 +304,13 @@ def test_watch_that_never_connected_says_so_and_fails(count: list[str]) -> None:
     assert proc.returncode == EXIT_NEVER_CONNECTED == 3, (proc.returncode, proc.stderr)
     assert error_lines(proc) == [f"edgecam: error: never connected to 127.0.0.1:{port} in 2 s"], proc.stderr
     assert "watch: cannot reach" in proc.stderr and "Connection refused" in proc.stderr
+
+
+def test_watch_refuses_a_name_no_lookup_takes_with_one_line() -> None:
+    # Before: paho's thread died with UnicodeError ('label too long') and a traceback; exit 3 after --timeout.
+    proc = run_cli("watch", "--broker", "a" * 64 + ".lan:1883", "--timeout", "30", timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    one_error_line(proc, "--broker", "not a host name")
 
 
 def test_watch_that_connected_and_timed_out(broker: Broker) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecam.broker import BrokerOptions, host_port, read_password
+from edgecam.broker import BrokerOptions, host_port, host_problem, read_password
 from edgecam.contract import check_device_id, check_prefix, device_id_from
 from edgecam.core.errors import EdgecamError, shown
 from edgecam.core.normalization import Normalization, normalization
@@ -446,6 +446,8 @@ def validate(cfg: Config) -> None:
     """Checks across keys, once every layer is applied."""
     stated_normalization(cfg.model)
     m = cfg.mqtt
+    if m.enabled and (why := host_problem(m.host) if m.host else "no host") is not None:
+        raise EdgecamError(f"mqtt.host {shown(m.host, 80)}: {why}")
     if m.reconnect_min > m.reconnect_max:
         raise EdgecamError(f"mqtt.reconnect_min {m.reconnect_min} is above mqtt.reconnect_max {m.reconnect_max}")
     if m.password and m.password_file:
