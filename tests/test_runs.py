@@ -291,9 +291,12 @@ def test_the_fleet_shows_the_gap_and_rejects_a_bad_one() -> None:
     assert fleet.ingest("edgecam/cam-1/stats", json.dumps(stats).encode(), 1.0) == "cam-1"
     shown = fleet.snapshot(2.0, 60.0)["devices"][0]
     assert shown["gap"] == "previous run ab12 ended by a power cut: up to 3 results lost after seq 22"
-    stats["previous"] = {"boot": "ab12", "end": "power_cut", "last_seq": "many"}
-    assert fleet.ingest("edgecam/cam-1/stats", json.dumps(stats).encode(), 3.0) is None
-    assert "previous.last_seq" in fleet.last_bad
+    # A bad `previous` is counted and dropped; the rest of the stats (fps, state) still shows.
+    stats["previous"], stats["fps"] = {"boot": "ab12", "end": "power_cut", "last_seq": "many"}, 2.5
+    assert fleet.ingest("edgecam/cam-1/stats", json.dumps(stats).encode(), 3.0) == "cam-1"
+    assert "previous.last_seq" in fleet.last_bad and fleet.bad == 1
+    shown = fleet.snapshot(4.0, 60.0)["devices"][0]
+    assert shown["gap"] is None and shown["fps"] == 2.5
 
 
 def test_watch_tells_the_gap_once(broker: Broker) -> None:

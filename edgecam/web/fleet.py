@@ -119,7 +119,12 @@ class Fleet:
                 stats = self._json(payload)
                 if stats.get("v") != CONTRACT_VERSION or stats.get("device") != dev:
                     raise PayloadError("not a v1 stats message of this device")
-                gap = gap_text(check_previous(stats.get("previous")))
+                try:
+                    gap = gap_text(check_previous(stats.get("previous")))
+                except PayloadError as exc:
+                    # An additive field gone wrong does not hide the device's fps and state.
+                    self._reject(topic, f"{exc}; the rest of the stats kept")
+                    gap = None
                 device = self._device(dev, now)
                 device.stats = {k: stats.get(k) for k in ("fps", "state", "reason", "timing_ms", "model")}
                 device.stats["gap"] = gap
