@@ -51,6 +51,15 @@ def test_layers_bad_image_is_one_line(model_cache: Path, tmp_path: Path) -> None
     one_error_line(proc, "x.jpg", "cannot read")
 
 
+@pytest.mark.parametrize("flag", [("--channels", "8"), ("--workers", "2")])
+def test_layers_class_options_without_class_are_one_line(model_cache: Path, tmp_path: Path, flag: tuple) -> None:
+    # They shape the class maps only: without --class they were silently ignored (exit 0).
+    proc = run_cli("layers", IMAGES / "cat.bmp", *flag, "--out", tmp_path)
+    assert proc.returncode == 2
+    one_error_line(proc, flag[0], "only with --class")
+    assert not list(tmp_path.iterdir())
+
+
 def test_wide_size() -> None:
     assert wide_size(720, 1280, 224) == (224, 398)
     assert wide_size(1280, 720, 224) == (398, 224)

@@ -21,6 +21,11 @@ from edgecam.device.workers import scorer_for
 
 
 def run_layers(args: argparse.Namespace) -> int:
+    if args.cls is None:
+        # They shape the class maps only; without --class they would be ignored without a word.
+        given = [f"--{k}" for k in ("channels", "workers") if getattr(args, k) is not None]
+        if given:
+            raise EdgecamError(f"{given[0]} applies only with --class (the class maps at every stage)")
     clf = load_classifier(args)
     cls = class_id(args.cls, clf.labels) if args.cls is not None else None
     frame = read_image(args.image, args.max_pixels)
