@@ -7,6 +7,8 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -622,6 +624,20 @@ def test_picamera2_capture_that_times_out_is_a_source_error(display: tuple[int, 
     with pytest.raises(SourceError, match=r"^picamera2: no frame within 7.5 s$"):
         src.read()
     assert cam.waits == [7.5]
+
+
+def test_auto_picamera2_waits_read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # source.kind = "auto" found picamera2 and kept its fixed 5 s wait, whatever source.read_timeout said.
+    fail = {"capture_array": TimeoutError(), "capture_arrays": TimeoutError()}
+    cam = FakePicamera2(fail=fail)
+    monkeypatch.setitem(sys.modules, "picamera2", types.SimpleNamespace(Picamera2=lambda: cam))
+    cfg = _config("auto")
+    cfg.source.read_timeout = 9.0
+    capture = open_capture(cfg, (64, 48))
+    assert isinstance(capture.source, Picamera2Source)
+    with pytest.raises(SourceError, match=r"^picamera2: no frame within 9 s$"):
+        capture.source.read()
+    assert cam.waits == [9.0]
 
 
 def test_picamera2_close_closes_even_when_stop_fails() -> None:

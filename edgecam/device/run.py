@@ -70,7 +70,7 @@ def open_capture(cfg: Config, model_size: tuple[int, int]) -> Capture:
                            src.max_pixels, src.read_timeout)
 
     if src.kind == "auto":
-        return Capture(open_auto(model_size, display, (src.width, src.height)), src.read_timeout)
+        return Capture(open_auto(model_size, display, (src.width, src.height), src.read_timeout), src.read_timeout)
     source = make()
     capture = Capture(source, src.read_timeout, renew=make if source.live else None)
     try:

@@ -482,10 +482,11 @@ def make_source(
 
 
 def open_auto(
-    model_size: tuple[int, int], display_size: tuple[int, int] | None, capture_size: tuple[int, int]
+    model_size: tuple[int, int], display_size: tuple[int, int] | None, capture_size: tuple[int, int],
+    read_timeout: float = 5.0,
 ) -> Source:
     tried = []
-    pic = Picamera2Source(model_size, display_size)
+    pic = Picamera2Source(model_size, display_size, wait=read_timeout)
     try:
         pic.open()
         return pic
