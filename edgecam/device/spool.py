@@ -527,6 +527,11 @@ class Spool:
             if reserve:
                 self._db.execute("UPDATE runs SET reserved = ?, last_seq = ? WHERE n = ?",
                                  (top + RESERVE_SEQS, top, self._run))
+            elif self._run is not None and top > 0:
+                # In the same commit, so no extra fsync: after a kill (the page cache kept it) the next
+                # run knows the exact last seq, also of results delivered and deleted since; after a
+                # power cut, what survived of it still matches the rows that survived with it.
+                self._db.execute("UPDATE runs SET last_seq = ? WHERE n = ?", (top, self._run))
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
