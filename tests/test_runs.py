@@ -20,11 +20,12 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from broker import Broker, Recorder, publish
-from conftest import IMAGES, ROOT, wait_until
+from conftest import IMAGES, ROOT, one_error_line, wait_until
 
 from edgecam.contract import PayloadError, check_previous, gap_text, result_identity
 from edgecam.device.clock import Clocks
@@ -356,6 +357,7 @@ def test_killed_then_stopped_cleanly_as_the_next_runs_say(tmp_path: Path, daemon
         assert rec.wait_for(lambda _m: boots_seqs(rec, boot1) >= set(range(1, prev["last_seq"] + 1)), 60)
         got = boots_seqs(rec, boot1)
         assert got == set(range(1, max(got) + 1)), sorted(got)
+        assert max(got) == prev["last_seq"], (sorted(got), prev)  # every commit recorded the last seq
         boot2 = stats_with_previous(rec, boot1)[0]["boot"]
         second.proc.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0, second.log()
@@ -371,6 +373,32 @@ def test_killed_then_stopped_cleanly_as_the_next_runs_say(tmp_path: Path, daemon
         broker.stop()
     for d in (first, second, third):
         assert "Traceback" not in d.log()
+
+
+@pytest.mark.usefixtures("model_cache")
+def test_a_second_daemon_on_the_same_spool_is_refused(tmp_path: Path, daemons) -> None:
+    """A hand-run `edgecam run` beside the service picks the same spool (state directory and device id):
+    the two sent and deleted each other's rows, fought over the client id, and the second read the
+    first's live run as killed. Now the second is refused with one line naming the first."""
+    broker = Broker(tmp_path / "broker").start()
+    rec = Recorder(broker.port, "edgecam/dev-l/result")
+    args = ("--source", IMAGES, "--source-fps", "2", "--broker", broker.address, "--device-id", "dev-l")
+    try:
+        first = daemons(*args)
+        assert rec.wait_for(lambda m: len(m) >= 1, 60), first.log()
+        second = daemons(*args)
+        assert second.wait(60) == 2, second.log()
+        held = f"another edgecam run (PID {first.proc.pid}) is using this spool"
+        one_error_line(SimpleNamespace(stderr=second.log()), held)
+        assert first.proc.poll() is None and "previous run" not in second.log()
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0, first.log()
+        # Its end lets the lock go: the next one runs.
+        third = daemons(*args, "--max-frames", "1")
+        assert third.wait(60) == 0, third.log()
+    finally:
+        rec.close()
+        broker.stop()
 
 
 @pytest.mark.usefixtures("model_cache")

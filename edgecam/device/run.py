@@ -18,7 +18,7 @@ from edgecam.device.capture import Capture
 from edgecam.device.config import Config
 from edgecam.device.pipeline import StageFailed, interpreter_threads
 from edgecam.device.sources import Source, SourceError, make_source, open_auto
-from edgecam.device.spool import Quota, Spool
+from edgecam.device.spool import Quota, Spool, hold
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ def make_spool(cfg: Config) -> Spool:
     }
     # One file per device id, so two daemons on one machine never share an outbox.
     path = state_dir(cfg) / f"spool-{cfg.device}.db" if cfg.spool.enabled else None
+    if path is not None:
+        hold(path)
     return Spool(path, quotas, cfg.mqtt.max_queued)
 
 

@@ -22,6 +22,7 @@ consumers how the previous one ended and what it may have lost (see begin_run).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgecam.core.errors import EdgecamError
 from edgecam.device.clock import Clocks
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,45 @@ class Outage:
                      "writing to" if self.what == "write to" else "reading", self.path,
                      _ago(now - self.since), self.total, self.counted.replace(" since ", " "), detail)
             self.since = None
+
+
+_HELD: dict[Path, int] = {}  # spool file -> the open lock file that says this process writes it
+
+
+def hold(path: Path) -> None:
+    """One daemon per spool file, or EdgecamError naming the process that has it.
+
+    Two would each send and delete the other's rows, and the second would read the first's live run
+    as one that was killed. A hand-run `sudo edgecam run` beside the service picks the same state
+    directory and device id, so this is what a field engineer meets first. The lock is an flock on
+    `<spool>.lock`, held until the process ends (also by SIGKILL) or execs (a reload: the file is
+    opened close-on-exec, so the new image takes it again). A lock that cannot be made (a read-only
+    place, a filesystem without flock) is no reason to stop: the spool itself then says what it can do.
+    """
+    lock = path.with_name(path.name + ".lock")
+    if lock in _HELD:
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise EdgecamError(
+            f"{path}: another edgecam run (PID {holder or 'unknown'}) is using this spool; run one daemon per "
+            "device id and spool directory (--device-id, spool.dir), or stop the other (systemctl stop edgecam)"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[lock] = fd
 
 
 class Spool:
