@@ -7,6 +7,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+from edgecam.contract import result_identity
+
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = 0
@@ -65,3 +67,15 @@ def damage(path: Path, pages: list[int], how: str = "zeroed") -> None:
         for n in pages:
             f.seek((n - 1) * 4096)
             f.write(bytes(4096) if how == "zeroed" else rng.randbytes(4096))
+
+
+def spooled_seqs(path: Path) -> list[tuple[str, int]]:
+    """(boot, seq) of each result row in a spool file, oldest first (a payload stored as TEXT read too)."""
+    db = sqlite3.connect(str(path))
+    try:
+        rows = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id").fetchall()
+    finally:
+        db.close()
+    payloads = [p.encode() if isinstance(p, str) else bytes(p) for (p,) in rows]
+    return [got for p in payloads if (got := result_identity(p)) is not None]
+

@@ -21,7 +21,7 @@ import pytest
 import smallfs
 from broker import Broker, Recorder
 from conftest import IMAGES, ROOT, cpu_seconds, wait_until
-from spoolfiles import damage, leaves_of
+from spoolfiles import damage, leaves_of, spooled_seqs
 
 from edgecam.contract import check_result
 from edgecam.device.clock import clock_synced
@@ -48,15 +48,6 @@ def count_results(rec: Recorder) -> int:
     return len(rec.on("result"))
 
 
-def spooled(path: Path) -> list[tuple[str, int]]:
-    db = sqlite3.connect(str(path))
-    try:
-        rows = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id").fetchall()
-    finally:
-        db.close()
-    return [(json.loads(p)["boot"], json.loads(p)["seq"]) for (p,) in rows]
-
-
 def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, daemons) -> None:
     broker = Broker(tmp_path / "broker", persist=True).start()
     rec = Recorder(broker.port, "edgecam/dev-o/result", client_id="rec-o", persistent=True)
@@ -68,7 +59,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, daemons) ->
         outage_start = time.time()
         # An outage of 20 s, and the daemon live through it: its results pile up in the spool.
         spool = tmp_path / "state" / "spool-dev-o.db"
-        assert wait_until(lambda: time.time() - outage_start >= 20 and len(spooled(spool)) >= 40, 90, 0.2), d.log()
+        assert wait_until(lambda: time.time() - outage_start >= 20 and len(spooled_seqs(spool)) >= 40, 90, 0.2), d.log()
         assert d.proc.poll() is None, d.log()
         broker.start()
         # Everything made during the outage, then live results again.
@@ -112,10 +103,10 @@ def test_sigkill_during_outage_then_restart_delivers_the_spool(tmp_path: Path, d
         assert rec.wait_for(lambda m: len(m) >= 5, 60), first.log()
         broker.stop()
         # At least 20 results spooled (4 s at 5 fps; longer on a busy machine), then the kill.
-        assert wait_until(lambda: len(spooled(state / "spool-dev-s.db")) >= 20, 60, 0.1), first.log()
+        assert wait_until(lambda: len(spooled_seqs(state / "spool-dev-s.db")) >= 20, 60, 0.1), first.log()
         os.kill(first.proc.pid, signal.SIGKILL)
         first.wait()
-        waiting = spooled(state / "spool-dev-s.db")
+        waiting = spooled_seqs(state / "spool-dev-s.db")
         assert len(waiting) >= 20
         broker.start()
         second = daemons(*args, env=env)
@@ -153,7 +144,7 @@ def test_sigterm_with_broker_away_keeps_results_for_the_next_start(tmp_path: Pat
     d = daemons("--source", IMAGES, "--once", "--broker", f"127.0.0.1:{port}", "--device-id", "dev-t", env=env)
     assert d.wait(60) == 0, d.log()
     assert "wait in" in d.log() and "after the next start" in d.log()
-    assert [s for _, s in spooled(state / "spool-dev-t.db")] == list(range(1, 9))
+    assert [s for _, s in spooled_seqs(state / "spool-dev-t.db")] == list(range(1, 9))
     broker.start()
     rec = Recorder(port, "edgecam/dev-t/result")
     try:
@@ -166,7 +157,7 @@ def test_sigterm_with_broker_away_keeps_results_for_the_next_start(tmp_path: Pat
         broker.stop()
     order = first_seen(rec.results())
     assert [s for _, s in order[:8]] == list(range(1, 9)) and order[8][1] == 1
-    assert spooled(state / "spool-dev-t.db") == []
+    assert spooled_seqs(state / "spool-dev-t.db") == []
 
 
 def test_corrupt_spool_is_moved_aside_and_live_results_flow(broker: Broker, tmp_path: Path, daemons) -> None:
@@ -299,7 +290,7 @@ def test_a_wall_clock_stepped_a_week_while_results_wait_loses_none(tmp_path: Pat
 
     def waiting() -> int:
         try:
-            return len(spooled(spool))
+            return len(spooled_seqs(spool))
         except sqlite3.OperationalError:  # not created yet
             return 0
 

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 from broker import Broker, Recorder, publish
 from conftest import IMAGES, ROOT, one_error_line, wait_until
+from spoolfiles import spooled_seqs
 
-from edgecam.contract import PayloadError, check_previous, gap_text, result_identity
+from edgecam.contract import PayloadError, check_previous, gap_text
 from edgecam.device.clock import Clocks
 from edgecam.device.spool import RESERVE_SEQS, PreviousRun, Quota, Spool
 from edgecam.web.fleet import Fleet
@@ -51,16 +52,6 @@ def run_row(path: Path) -> tuple[int, int, int]:
         return db.execute("SELECT reserved, last_seq, clean FROM runs ORDER BY n DESC LIMIT 1").fetchone()
     finally:
         db.close()
-
-
-def spooled_seqs(path: Path) -> list[tuple[str, int]]:
-    db = sqlite3.connect(str(path))
-    try:
-        rows = db.execute("SELECT payload FROM outbox WHERE kind = 'result' ORDER BY id").fetchall()
-    finally:
-        db.close()
-    payloads = [p.encode() if isinstance(p, str) else bytes(p) for (p,) in rows]
-    return [got for p in payloads if (got := result_identity(p)) is not None]
 
 
 def any_spooled(path: Path) -> bool:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgecam.contract import result_identity
 from edgecam.core.errors import EdgecamError
 from edgecam.device.clock import Clocks
 
@@ -805,9 +806,6 @@ def carried_offset(line: Line, boot: str, up: float) -> float:
 
 def previous_run(db: sqlite3.Connection, kernel: str) -> PreviousRun | None:
     """How the newest run in a file ended, for a run starting under the kernel boot id `kernel`."""
-    # Here, not at the top: the contract brings OpenCV, which `edgecam config` (it imports the spool) does without.
-    from edgecam.contract import result_identity
-
     rows = db.execute("SELECT boot, kernel, reserved, last_seq, clean, told, ended FROM runs ORDER BY n DESC"
                       ).fetchall()
     if not rows:
